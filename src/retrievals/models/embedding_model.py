@@ -1,0 +1,278 @@
+"""``AutoModelForEmbedding``: a transformers backbone + pooling + optional L2 normalisation."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .embedding_config import EmbeddingConfig, load_saved_settings
+from .loading import ensure_pad_token, is_decoder_model, load_backbone, resolve_source, tokenizer_appends_eos
+from .pooling import Pooling
+from .precision import autocast_context, canonical_precision, resolve_precision
+from .similarity import similarity
+from .tokenization import check_texts, pad_batch, tokenize_texts
+
+logger = logging.getLogger(__name__)
+
+# Tokens per forward batch on CPU: smaller batches of long texts stay in cache (measured ~15% faster).
+DEFAULT_CPU_BATCH_TOKENS = 4096
+DEFAULT_MAX_LENGTH_CAP = 512
+
+
+class AutoModelForEmbedding(nn.Module):
+    """Embedding model: ``forward(input_ids, attention_mask) -> [batch, dim]`` embeddings.
+
+    Build it with :meth:`from_pretrained`; encode texts with :meth:`encode`.
+    """
+
+    def __init__(self, backbone: nn.Module, tokenizer, config: EmbeddingConfig, precision: str = "auto") -> None:
+        super().__init__()
+        self.model = backbone
+        self.tokenizer = tokenizer
+        self.embedding_config = config
+        self.pooling = Pooling(config.pooling_method)
+        self.precision = canonical_precision(precision)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name_or_path: Union[str, os.PathLike],
+        pooling_method: Optional[str] = None,
+        normalize_embeddings: Optional[bool] = None,
+        query_instruction: Optional[str] = None,
+        document_instruction: Optional[str] = None,
+        max_length: Optional[int] = None,
+        query_max_length: Optional[int] = None,
+        use_fp16: bool = False,
+        use_bf16: Optional[bool] = None,
+        precision: Optional[str] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> "AutoModelForEmbedding":
+        """Load a model; arguments left as ``None`` come from the saved config, then defaults.
+
+        Extra keyword arguments (``gguf_file=``, ``torch_dtype=``, ``revision=`` ...) go to
+        ``transformers``. ``precision`` is ``auto`` (bf16 where the hardware is fast at it),
+        ``fp32``, ``bf16`` or ``fp16``; ``use_fp16=True`` / ``use_bf16=`` are shorthands.
+        """
+        path, is_local = resolve_source(str(model_name_or_path), kwargs)
+        saved = load_saved_settings(path) if is_local else {}
+        backbone, tokenizer = load_backbone(path, is_local, trust_remote_code, kwargs)
+        ensure_pad_token(tokenizer)
+        explicit = {
+            "pooling_method": pooling_method,
+            "normalize_embeddings": normalize_embeddings,
+            "query_instruction": query_instruction,
+            "document_instruction": document_instruction,
+            "max_length": max_length,
+            "query_max_length": query_max_length,
+        }
+        settings = _default_settings(backbone, tokenizer, saved, explicit)
+        settings.update(saved)
+        settings.update({k: v for k, v in explicit.items() if v is not None})
+        if "append_eos" not in saved or pooling_method is not None:
+            settings["append_eos"] = _needs_eos(backbone, tokenizer, settings["pooling_method"])
+        config = EmbeddingConfig.from_dict(settings, source=path)
+        tokenizer.padding_side = config.padding_side
+        chosen = precision or ("fp16" if use_fp16 else {True: "bf16", False: "fp32", None: "auto"}[use_bf16])
+        model = cls(backbone, tokenizer, config, precision=chosen)
+        model.to_device(device)
+        return model
+
+    def to_device(self, device: Optional[Union[str, torch.device]] = None) -> "AutoModelForEmbedding":
+        """Move to ``device`` (default: CUDA when available); on CUDA, half precision casts the weights."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.to(device)
+        resolved = resolve_precision(self.precision, device)
+        if device.type == "cuda" and resolved in ("fp16", "bf16") and self.dtype == torch.float32:
+            self.to({"fp16": torch.float16, "bf16": torch.bfloat16}[resolved])
+        return self
+
+    @property
+    def config(self):
+        """The backbone's transformers config (what ``transformers.Trainer`` expects)."""
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return self.embedding_config.truncate_dim or self.model.config.hidden_size
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Pooled (and, if configured, L2-normalised) float32 embeddings ``[batch, dim]``."""
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        embeddings = self.pooling(hidden.float(), attention_mask)
+        if self.embedding_config.normalize_embeddings:
+            embeddings = nn.functional.normalize(embeddings, p=2, dim=-1)
+        return embeddings
+
+    # ------------------------------------------------------------------ tokenising
+    def tokenize(self, texts: Sequence[str], is_query: bool = False, max_length: Optional[int] = None) -> List[List[int]]:
+        """Token ids with the side's instruction and EOS handling (shared with the collators)."""
+        cfg = self.embedding_config
+        tokenized = tokenize_texts(
+            self.tokenizer,
+            texts,
+            max_length=max_length or cfg.max_length_for(is_query),
+            instruction=cfg.instruction_for(is_query),
+            append_eos=cfg.append_eos,
+        )
+        if tokenized.num_truncated:
+            logger.info("%d of %d texts reached max_length and were truncated", tokenized.num_truncated, len(texts))
+        return tokenized.input_ids
+
+    # ------------------------------------------------------------------ encoding
+    def encode(
+        self,
+        sentences: Union[str, Sequence[str]],
+        batch_size: int = 32,
+        show_progress_bar: Optional[bool] = None,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        normalize_embeddings: Optional[bool] = None,
+        is_query: bool = False,
+        max_length: Optional[int] = None,
+        max_batch_tokens: Optional[int] = None,
+        truncate_dim: Optional[int] = None,
+        precision: Optional[str] = None,
+        **kwargs: Any,
+    ) -> Union[np.ndarray, torch.Tensor]:
+        """Embed texts; returns ``[n, dim]`` (``[dim]`` for a single string), in input order.
+
+        Texts are tokenized once, sorted by token length and batched so that each batch is padded
+        only to its own longest text; ``max_batch_tokens`` caps ``batch x length`` per batch.
+        """
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
+        check_texts(texts)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        device = self.device
+        dim = self.model.config.hidden_size
+        if not texts:
+            out = torch.empty((0, dim))
+            return out if convert_to_tensor else out.numpy()
+        ids = self.tokenize(texts, is_query=is_query, max_length=max_length)
+        if max_batch_tokens is None and device.type == "cpu":
+            max_batch_tokens = DEFAULT_CPU_BATCH_TOKENS
+        resolved = resolve_precision(precision or self.precision, device)
+        if show_progress_bar is None:
+            show_progress_bar = logger.getEffectiveLevel() <= logging.INFO and len(texts) > 4 * batch_size
+        out = torch.empty((len(texts), dim), dtype=torch.float32)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode(), autocast_context(resolved, device, self.dtype):
+                batches = list(length_sorted_batches([len(x) for x in ids], batch_size, max_batch_tokens))
+                for batch in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
+                    inputs = pad_batch([ids[i] for i in batch], self.tokenizer.pad_token_id,
+                                       self.embedding_config.padding_side, device)
+                    out[batch] = self._raw_embed(inputs).cpu()
+        finally:
+            self.train(was_training)
+        out = self._postprocess(out, normalize_embeddings, truncate_dim)
+        if single:
+            out = out[0]
+        if convert_to_tensor or not convert_to_numpy:
+            return out
+        return out.numpy()
+
+    def _raw_embed(self, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        outputs = self.model(**inputs)
+        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        return self.pooling(hidden.float(), inputs["attention_mask"])
+
+    def _postprocess(self, out: torch.Tensor, normalize: Optional[bool], truncate_dim: Optional[int]) -> torch.Tensor:
+        truncate_dim = truncate_dim or self.embedding_config.truncate_dim
+        if truncate_dim:
+            if truncate_dim > out.shape[-1]:
+                raise ValueError(f"truncate_dim={truncate_dim} exceeds the embedding size {out.shape[-1]}")
+            out = out[:, :truncate_dim]
+        normalize = self.embedding_config.normalize_embeddings if normalize is None else normalize
+        return nn.functional.normalize(out, p=2, dim=-1) if normalize else out
+
+    def encode_queries(self, queries: Union[str, Sequence[str]], **kwargs: Any) -> Union[np.ndarray, torch.Tensor]:
+        """:meth:`encode` with the query instruction and query max length."""
+        kwargs["is_query"] = True
+        return self.encode(queries, **kwargs)
+
+    def encode_corpus(self, corpus: Union[str, Sequence[Any]], **kwargs: Any) -> Union[np.ndarray, torch.Tensor]:
+        """:meth:`encode` for documents; items may be strings or ``{"title", "text"}`` dicts."""
+        if not isinstance(corpus, str):
+            corpus = [_document_text(doc, i) for i, doc in enumerate(corpus)]
+        kwargs["is_query"] = False
+        return self.encode(corpus, **kwargs)
+
+    def similarity(self, a, b):
+        """Cosine score matrix between two sets of embeddings (see :func:`retrievals.similarity`)."""
+        return similarity(a, b, metric="cosine")
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
+        """Write safetensors weights, the tokenizer, our config and sentence-transformers' files."""
+        save_directory = str(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        kwargs.setdefault("safe_serialization", True)
+        self.model.save_pretrained(save_directory, **kwargs)
+        self.tokenizer.save_pretrained(save_directory)
+        self.embedding_config.save(save_directory, dimension=self.model.config.hidden_size)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: Optional[int]) -> Iterator[List[int]]:
+    """Yield index batches, longest texts first, of at most ``batch_size`` items and ``max_tokens``
+    padded tokens (a single text longer than ``max_tokens`` still forms its own batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    start = 0
+    while start < len(order):
+        size = batch_size
+        if max_tokens:
+            size = max(1, min(batch_size, max_tokens // max(1, lengths[order[start]])))
+        yield order[start:start + size]
+        start += size
+
+
+def _document_text(doc: Any, index: int) -> str:
+    if isinstance(doc, str):
+        return doc
+    if isinstance(doc, dict) and "text" in doc:
+        title = doc.get("title") or ""
+        return f"{title} {doc['text']}".strip() if title else doc["text"]
+    raise TypeError(f"corpus[{index}] must be a string or a dict with 'text', got {type(doc).__name__}")
+
+
+def _needs_eos(backbone: nn.Module, tokenizer, pooling_method: str) -> bool:
+    """Decoder LLMs pooled on the last token need EOS there; append it unless the tokenizer does."""
+    from .pooling import canonical_pooling_name
+
+    if canonical_pooling_name(pooling_method) != "last" or not is_decoder_model(backbone.config):
+        return False
+    return tokenizer.eos_token_id is not None and not tokenizer_appends_eos(tokenizer)
+
+
+def _default_settings(backbone: nn.Module, tokenizer, saved: Dict[str, Any], explicit: Dict[str, Any]) -> Dict[str, Any]:
+    decoder = is_decoder_model(backbone.config)
+    settings: Dict[str, Any] = {"pooling_method": "last" if decoder else "mean"}
+    if "pooling_method" not in saved and explicit["pooling_method"] is None:
+        logger.warning("No pooling_method given or saved; using %r for this %s model",
+                       settings["pooling_method"], "decoder" if decoder else "encoder")
+    limits = [DEFAULT_MAX_LENGTH_CAP, getattr(backbone.config, "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None)]
+    settings["max_length"] = min(int(x) for x in limits if isinstance(x, (int, float)) and x > 0)
+    settings["padding_side"] = "right"
+    return settings

@@ -1,0 +1,106 @@
+"""Loading a backbone and its tokenizer safely from a local directory, a GGUF file or the hub."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from typing import Any, Dict, Tuple
+
+from transformers import AutoModel, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+logger = logging.getLogger(__name__)
+
+# Keyword arguments that also concern the tokenizer (everything else goes to the model only).
+TOKENIZER_KWARGS = ("gguf_file", "revision", "token", "cache_dir", "local_files_only", "subfolder")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else is meant as a path on disk."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith(".gguf")
+
+
+def resolve_source(name_or_path: str, kwargs: Dict[str, Any]) -> Tuple[str, bool]:
+    """Return ``(path_or_id, is_local)``; a ``.gguf`` file path becomes its folder plus ``gguf_file``."""
+    path = os.path.expanduser(str(name_or_path))
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        kwargs.setdefault("gguf_file", os.path.basename(path))
+        return os.path.dirname(os.path.abspath(path)), True
+    if os.path.isdir(path):
+        return path, True
+    if os.path.exists(path):
+        raise ValueError(f"Model path {path!r} is a file; pass the model directory (or a .gguf file)")
+    if looks_like_local_path(str(name_or_path)):
+        raise FileNotFoundError(f"Model path {path!r} does not exist")
+    return str(name_or_path), False
+
+
+def check_local_weights(path: str, kwargs: Dict[str, Any]) -> None:
+    """Refuse pickle-only checkpoints and custom code unless the caller opted in."""
+    if kwargs.get("gguf_file"):
+        return
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path!r} is not a model directory: config.json is missing")
+    has_safetensors = bool(glob.glob(os.path.join(path, "*.safetensors")))
+    has_pickle = bool(glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt")))
+    if not has_safetensors and has_pickle and kwargs.get("use_safetensors") is not False:
+        raise ValueError(
+            f"{path!r} holds only pickle weights (*.bin), which can run arbitrary code when loaded; "
+            "convert them to safetensors, or pass use_safetensors=False if you trust the source"
+        )
+    if not has_safetensors and not has_pickle:
+        raise FileNotFoundError(f"{path!r} holds no model weights (*.safetensors)")
+
+
+def has_custom_code(path: str) -> bool:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return False
+    with open(config_file, encoding="utf-8") as f:
+        return "auto_map" in json.load(f)
+
+
+def load_backbone(path: str, is_local: bool, trust_remote_code: bool, kwargs: Dict[str, Any]):
+    """Load ``(model, tokenizer)``; extra ``kwargs`` pass through to transformers."""
+    if is_local:
+        check_local_weights(path, kwargs)
+        if has_custom_code(path) and not trust_remote_code:
+            raise ValueError(f"{path!r} asks to run custom code (auto_map); pass trust_remote_code=True if you trust it")
+    model_kwargs = dict(kwargs)
+    if not model_kwargs.get("gguf_file"):
+        model_kwargs.setdefault("use_safetensors", True if is_local else None)
+    tokenizer_kwargs = {k: kwargs[k] for k in TOKENIZER_KWARGS if k in kwargs}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **tokenizer_kwargs)
+        model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, **model_kwargs)
+    except OSError as e:
+        raise OSError(f"Could not load model {path!r}: {e}") from e
+    return model, tokenizer
+
+
+def is_decoder_model(config) -> bool:
+    """Decoder-only LLMs (Llama, Qwen2, Mistral, ...) as opposed to bidirectional encoders."""
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    return config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def tokenizer_appends_eos(tokenizer) -> bool:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[-1] == eos
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Reuse EOS (or UNK) as padding when the tokenizer has none; never grow the vocabulary."""
+    if tokenizer.pad_token_id is not None:
+        return
+    for candidate in (tokenizer.eos_token, tokenizer.unk_token):
+        if candidate is not None:
+            tokenizer.pad_token = candidate
+            return
+    raise ValueError("The tokenizer has no pad, eos or unk token to pad with")

@@ -1,0 +1,69 @@
+"""Choosing the numeric precision used for inference.
+
+``"auto"`` picks bfloat16 where the hardware runs it fast (CUDA devices with bf16 support, CPUs
+with AVX512-BF16 or AMX) and float32 elsewhere. On CPU the weights stay float32 and the forward
+pass runs under ``torch.autocast``; training code is therefore never handed bf16 master weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from typing import ContextManager, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def canonical_precision(name: str) -> str:
+    key = PRECISION_ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in PRECISIONS:
+        raise ValueError(f"Unknown precision {name!r}; valid names are: {', '.join(PRECISIONS)}")
+    return key
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """Turn ``auto`` (or an unsupported request) into the precision actually used on ``device``."""
+    key = canonical_precision(name)
+    if device.type == "cuda":
+        if key == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return key
+    if device.type == "cpu":
+        if key == "auto":
+            return "bf16" if cpu_has_fast_bf16() else "fp32"
+        if key == "fp16":
+            fallback = "bf16" if cpu_has_fast_bf16() else "fp32"
+            logger.warning("fp16 is slow on CPU; using %s instead", fallback)
+            return fallback
+        return key
+    return "fp32" if key == "auto" else key
+
+
+def autocast_context(precision: str, device: torch.device, weights_dtype: torch.dtype) -> ContextManager:
+    """Autocast for ``precision`` unless the weights already have that dtype."""
+    dtype: Optional[torch.dtype] = PRECISIONS[precision]
+    if dtype is None or dtype == torch.float32 or weights_dtype == dtype:
+        return contextlib.nullcontext()
+    if device.type not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,95 @@
+"""Turning texts into token ids, the same way for encoding and for training.
+
+``tokenize_texts`` applies the instruction, truncates and appends the EOS token where the model
+needs it; ``pad_batch`` pads a list of id lists to the longest one. Encoding and the training
+collators both go through these two functions, so a decoder model sees identical token sequences
+in both paths.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TokenizedTexts", "tokenize_texts", "pad_batch", "check_texts"]
+
+
+@dataclass
+class TokenizedTexts:
+    input_ids: List[List[int]]
+    num_truncated: int
+
+
+def check_texts(texts: Sequence[object], what: str = "sentences") -> None:
+    """Raise a ``TypeError`` naming the first item that is not a string."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{what}[{i}] must be a string, got {type(text).__name__}: {text!r:.80}")
+
+
+def tokenize_texts(
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int,
+    instruction: str = "",
+    append_eos: bool = False,
+) -> TokenizedTexts:
+    """Tokenize ``instruction + text`` for each text, truncating to ``max_length`` tokens in all.
+
+    With ``append_eos`` the EOS id is the last token of every sequence (it replaces the last
+    token of an over-long text so the sequence still fits ``max_length``).
+    """
+    if max_length is None or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+    prefixed = [instruction + t for t in texts] if instruction else list(texts)
+    budget = max_length - 1 if append_eos else max_length
+    encoded = tokenizer(
+        prefixed,
+        add_special_tokens=True,
+        truncation=True,
+        max_length=budget,
+        return_overflowing_tokens=False,
+        return_length=False,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        verbose=False,
+    )["input_ids"]
+    num_truncated = 0
+    if encoded and len(encoded) > 0:
+        num_truncated = sum(1 for ids in encoded if len(ids) >= budget)
+    if append_eos:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("append_eos is set but the tokenizer has no eos_token")
+        encoded = [ids if (ids and ids[-1] == eos) else ids + [eos] for ids in encoded]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"text {i} produced no tokens (empty string and no special tokens): {texts[i]!r}")
+    return TokenizedTexts(input_ids=encoded, num_truncated=num_truncated)
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]],
+    pad_token_id: int,
+    padding_side: str = "right",
+    device: Optional[torch.device] = None,
+) -> dict:
+    """Pad id lists to the longest one; returns ``input_ids`` and ``attention_mask`` tensors."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        n = len(seq)
+        span = slice(longest - n, longest) if padding_side == "left" else slice(0, n)
+        input_ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
+        attention_mask[row, span] = 1
+    if device is not None:
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
