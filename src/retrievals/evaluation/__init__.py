@@ -1,0 +1,6 @@
+from .metrics import RETRIEVAL_METRICS, evaluate_run
+from .retrieval import RetrievalResult, evaluate_retrieval
+from .search import exact_search
+from .sts import evaluate_sts
+
+__all__ = ["RETRIEVAL_METRICS", "evaluate_run", "RetrievalResult", "evaluate_retrieval", "exact_search", "evaluate_sts"]
