@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
@@ -38,6 +39,8 @@ class AutoModelForEmbedding(nn.Module):
         self.embedding_config = config
         self.pooling = Pooling(config.pooling_method)
         self.precision = canonical_precision(precision)
+        self._accepts_position_ids: Optional[bool] = None
+        self.train(backbone.training)  # transformers loads in eval mode; keep it
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -66,7 +69,8 @@ class AutoModelForEmbedding(nn.Module):
         path, is_local = resolve_source(str(model_name_or_path), kwargs)
         saved = load_saved_settings(path) if is_local else {}
         backbone, tokenizer = load_backbone(path, is_local, trust_remote_code, kwargs)
-        ensure_pad_token(tokenizer)
+        embeddings = backbone.get_input_embeddings()
+        ensure_pad_token(tokenizer, getattr(embeddings, "num_embeddings", None))
         explicit = {
             "pooling_method": pooling_method,
             "normalize_embeddings": normalize_embeddings,
@@ -115,12 +119,28 @@ class AutoModelForEmbedding(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Pooled (and, if configured, L2-normalised) float32 embeddings ``[batch, dim]``."""
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-        embeddings = self.pooling(hidden.float(), attention_mask)
+        embeddings = self._pooled(input_ids, attention_mask, **kwargs)
         if self.embedding_config.normalize_embeddings:
             embeddings = nn.functional.normalize(embeddings, p=2, dim=-1)
         return embeddings
+
+    def _pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self._needs_position_ids(attention_mask):
+            # Left padding: count positions from each text's first real token, as with right padding.
+            kwargs.setdefault("position_ids", (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0))
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        return self.pooling(hidden.float(), attention_mask)
+
+    def _needs_position_ids(self, attention_mask: torch.Tensor) -> bool:
+        if self.embedding_config.padding_side != "left" or bool(attention_mask[:, 0].all()):
+            return False
+        if self._accepts_position_ids is None:
+            accepts = "position_ids" in inspect.signature(self.model.forward).parameters
+            # RoBERTa-style embeddings derive positions from the pad id themselves.
+            derives = hasattr(getattr(self.model, "embeddings", None), "padding_idx")
+            self._accepts_position_ids = accepts and not derives
+        return self._accepts_position_ids
 
     # ------------------------------------------------------------------ tokenising
     def tokenize(self, texts: Sequence[str], is_query: bool = False, max_length: Optional[int] = None) -> List[List[int]]:
@@ -183,7 +203,7 @@ class AutoModelForEmbedding(nn.Module):
                 for batch in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
                     inputs = pad_batch([ids[i] for i in batch], self.tokenizer.pad_token_id,
                                        self.embedding_config.padding_side, device)
-                    out[batch] = self._raw_embed(inputs).cpu()
+                    out[batch] = self._pooled(**inputs).cpu()
         finally:
             self.train(was_training)
         out = self._postprocess(out, normalize_embeddings, truncate_dim)
@@ -192,11 +212,6 @@ class AutoModelForEmbedding(nn.Module):
         if convert_to_tensor or not convert_to_numpy:
             return out
         return out.numpy()
-
-    def _raw_embed(self, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
-        outputs = self.model(**inputs)
-        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-        return self.pooling(hidden.float(), inputs["attention_mask"])
 
     def _postprocess(self, out: torch.Tensor, normalize: Optional[bool], truncate_dim: Optional[int]) -> torch.Tensor:
         truncate_dim = truncate_dim or self.embedding_config.truncate_dim

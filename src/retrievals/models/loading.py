@@ -6,7 +6,7 @@ import glob
 import json
 import logging
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from transformers import AutoModel, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -95,12 +95,17 @@ def tokenizer_appends_eos(tokenizer) -> bool:
     return bool(ids) and ids[-1] == eos
 
 
-def ensure_pad_token(tokenizer) -> None:
-    """Reuse EOS (or UNK) as padding when the tokenizer has none; never grow the vocabulary."""
-    if tokenizer.pad_token_id is not None:
+def ensure_pad_token(tokenizer, num_embeddings: Optional[int] = None) -> None:
+    """Reuse EOS (or UNK) as padding when the tokenizer has none, or when its pad id lies outside
+    the model's embedding table; never grow the vocabulary."""
+    pad_id = tokenizer.pad_token_id
+    if pad_id is not None and (num_embeddings is None or pad_id < num_embeddings):
         return
     for candidate in (tokenizer.eos_token, tokenizer.unk_token):
         if candidate is not None:
+            if pad_id is not None:
+                logger.warning("pad token id %d is outside the embedding table (%d); padding with %r",
+                               pad_id, num_embeddings, candidate)
             tokenizer.pad_token = candidate
             return
-    raise ValueError("The tokenizer has no pad, eos or unk token to pad with")
+    raise ValueError("The tokenizer has no usable pad, eos or unk token to pad with")

