@@ -63,7 +63,7 @@ class EmbeddingConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "EmbeddingConfig":
+    def from_dict(cls, data: Dict[str, Any], source: str = "config") -> EmbeddingConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

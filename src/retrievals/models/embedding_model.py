@@ -59,7 +59,7 @@ class AutoModelForEmbedding(nn.Module):
         device: Optional[Union[str, torch.device]] = None,
         trust_remote_code: bool = False,
         **kwargs: Any,
-    ) -> "AutoModelForEmbedding":
+    ) -> AutoModelForEmbedding:
         """Load a model; arguments left as ``None`` come from the saved config, then defaults.
 
         Extra keyword arguments (``gguf_file=``, ``torch_dtype=``, ``revision=`` ...) go to
@@ -91,7 +91,7 @@ class AutoModelForEmbedding(nn.Module):
         model.to_device(device)
         return model
 
-    def to_device(self, device: Optional[Union[str, torch.device]] = None) -> "AutoModelForEmbedding":
+    def to_device(self, device: Optional[Union[str, torch.device]] = None) -> AutoModelForEmbedding:
         """Move to ``device`` (default: CUDA when available); on CUDA, half precision casts the weights."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.to(device)

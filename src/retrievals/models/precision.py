@@ -20,7 +20,7 @@ PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16
 PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
     try:
