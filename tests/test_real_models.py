@@ -21,8 +21,10 @@ def test_minilm_stsb_spearman(minilm_dir, data_dir, precision):
     assert abs(spearman - 0.8183) < 0.005, spearman
 
 
-def test_smollm2_last_pooling_left_equals_right(smollm_gguf):
-    model = AutoModelForEmbedding.from_pretrained(smollm_gguf, pooling_method="last")
+@pytest.mark.parametrize("precision,min_cosine", [("fp32", 0.9999), ("bf16", 0.999)])
+def test_smollm2_last_pooling_left_equals_right(smollm_gguf, precision, min_cosine):
+    # fp32 checks the padding logic; bf16 adds rounding noise from differently shaped kernels
+    model = AutoModelForEmbedding.from_pretrained(smollm_gguf, pooling_method="last", precision=precision)
     assert model.embedding_config.append_eos
     texts = ["short", "a somewhat longer sentence about proteins and diets", "summit define",
              "The highest point of a mountain is called its summit, and climbers aim for it."]
@@ -31,7 +33,7 @@ def test_smollm2_last_pooling_left_equals_right(smollm_gguf):
     model.embedding_config.padding_side = "left"
     left = model.encode(texts, batch_size=4)
     cosine = (left * right).sum(1)
-    assert cosine.min() > 0.9999, cosine
+    assert cosine.min() > min_cosine, cosine
     assert not np.allclose(right[0], right[1], atol=1e-3)
 
 
