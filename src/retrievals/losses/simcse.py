@@ -1,0 +1,31 @@
+"""SimCSE: contrastive learning from dropout views (unsupervised) or labelled pairs (supervised)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .infonce import InfoNCE
+
+
+class SimCSE(InfoNCE):
+    """SimCSE loss (Gao et al., 2021), an in-batch InfoNCE with temperature 0.05 by default.
+
+    Unsupervised: pass the same texts twice as ``query`` and ``positive``; the model in train mode
+    gives two dropout views, and the other texts of the batch are the negatives. Supervised: pass
+    entailment pairs as ``query``/``positive`` and contradictions as ``negative`` ``[B, D]``.
+    Shapes as :class:`InfoNCE`; returns a scalar.
+    """
+
+    def __init__(self, criterion: Optional[nn.Module] = None, temperature: float = 0.05,
+                 negatives_cross_device: bool = False) -> None:
+        super().__init__(criterion, temperature=temperature, use_inbatch_negative=True,
+                         negatives_cross_device=negatives_cross_device)
+
+    def forward(self, query: torch.Tensor, positive: Optional[torch.Tensor] = None,
+                negative: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        if positive is None:
+            raise ValueError("SimCSE needs a second view: pass the same texts encoded twice in train mode")
+        return super().forward(query, positive, negative, **kwargs)
