@@ -113,6 +113,21 @@ class AutoModelForEmbedding(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    supports_gradient_checkpointing = True
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[Dict[str, Any]] = None,
+                                        **kwargs: Any) -> None:
+        """Trade compute for memory in the backbone (non-reentrant checkpointing by default)."""
+        options = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[Dict[str, Any]] = None,
+                                      **kwargs: Any) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
     def get_sentence_embedding_dimension(self) -> int:
         return self.embedding_config.truncate_dim or self.model.config.hidden_size
 

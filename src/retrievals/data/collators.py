@@ -1,0 +1,149 @@
+"""Collators: dataclasses that turn dataset items into token tensors, without side effects.
+
+They tokenize through :func:`retrievals.models.tokenization.tokenize_texts`, the function
+``encode`` uses, so instructions, truncation and the decoder EOS token are identical in training
+and inference. Fields left as ``None`` (instructions, ``append_eos``, padding side) are filled
+from the model's saved config by ``RetrievalTrainer`` (``with_model_config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ..models.tokenization import pad_batch, tokenize_texts
+
+logger = logging.getLogger(__name__)
+
+
+def text_ids(texts: Sequence[str]) -> torch.Tensor:
+    """Stable 56-bit ids of texts, for masking in-batch candidates that are the same text."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=7).digest(), "big")
+                         for t in texts], dtype=torch.long)
+
+
+def _first(value: Any) -> str:
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+@dataclass
+class _BaseCollator:
+    tokenizer: Any
+    query_max_length: int = 32
+    document_max_length: int = 128
+    query_instruction: Optional[str] = None
+    document_instruction: Optional[str] = None
+    append_eos: Optional[bool] = None
+    padding_side: Optional[str] = None
+
+    def with_model_config(self, config) -> _BaseCollator:
+        """A copy whose unset fields come from an ``EmbeddingConfig``."""
+        updates = {name: getattr(config, name) for name in
+                   ("query_instruction", "document_instruction", "append_eos", "padding_side")
+                   if getattr(self, name) is None}
+        return dataclasses.replace(self, **updates)
+
+    def encode_texts(self, texts: Sequence[str], is_query: bool) -> Dict[str, torch.Tensor]:
+        instruction = (self.query_instruction if is_query else self.document_instruction) or ""
+        tokenized = tokenize_texts(
+            self.tokenizer, texts, max_length=self.query_max_length if is_query else self.document_max_length,
+            instruction=instruction, append_eos=bool(self.append_eos),
+        )
+        if tokenized.num_truncated:
+            logger.debug("%d %s texts reached max length", tokenized.num_truncated, "query" if is_query else "document")
+        return pad_batch(tokenized.input_ids, self.tokenizer.pad_token_id, self.padding_side or "right")
+
+    def pair_batch(self, features: List[Dict[str, Any]]) -> Dict[str, Any]:
+        queries = [f["query"] for f in features]
+        positives = [_first(f["positive"]) for f in features]
+        batch = {"query": self.encode_texts(queries, True), "positive": self.encode_texts(positives, False),
+                 "positive_ids": text_ids(positives)}
+        if "label" in features[0]:
+            batch["labels"] = torch.tensor([float(f["label"]) for f in features])
+        return batch
+
+    def triplet_batch(self, features: List[Dict[str, Any]]) -> Dict[str, Any]:
+        batch = self.pair_batch(features)
+        groups = [f["negative"] if isinstance(f["negative"], (list, tuple)) else [f["negative"]] for f in features]
+        sizes = {len(g) for g in groups}
+        if len(sizes) != 1 or 0 in sizes:
+            raise ValueError(f"every item needs the same, non-zero number of negatives; got sizes {sorted(sizes)}")
+        negatives = [n for g in groups for n in g]
+        batch["negative"] = self.encode_texts(negatives, False)
+        batch["negative_ids"] = text_ids(negatives)
+        return batch
+
+
+@dataclass
+class PairCollator(_BaseCollator):
+    """Items ``{"query", "positive"}`` -> ``{"query": tokens, "positive": tokens, "positive_ids"}``.
+
+    A ``positive`` given as a list uses its first element (``RetrievalDataset`` samples one).
+    """
+
+    def __call__(self, features: List[Dict[str, Any]]) -> Dict[str, Any]:
+        return self.pair_batch(features)
+
+
+@dataclass
+class TripletCollator(_BaseCollator):
+    """Items ``{"query", "positive", "negative"}`` (``negative`` a string or a list of equal length
+    per item) -> pair output plus ``"negative"`` tokens ``[B * n]`` and ``"negative_ids"``."""
+
+    def __call__(self, features: List[Dict[str, Any]]) -> Dict[str, Any]:
+        return self.triplet_batch(features)
+
+
+@dataclass
+class RetrievalCollator(_BaseCollator):
+    """For ``RetrievalDataset`` items: pairs when they carry no negatives, triplets otherwise."""
+
+    def __call__(self, features: List[Dict[str, Any]]) -> Dict[str, Any]:
+        if features and features[0].get("negative"):
+            return self.triplet_batch(features)
+        return self.pair_batch(features)
+
+
+@dataclass
+class ScoredPairCollator(_BaseCollator):
+    """Items ``{"query", "positive", "label"}`` -> pair output plus float ``"labels"`` ``[B]``.
+    Both sides are treated as documents (symmetric STS) unless ``symmetric=False``."""
+
+    symmetric: bool = True
+
+    def __call__(self, features: List[Dict[str, Any]]) -> Dict[str, Any]:
+        queries = [f["query"] for f in features]
+        positives = [_first(f["positive"]) for f in features]
+        return {"query": self.encode_texts(queries, not self.symmetric), "positive": self.encode_texts(positives, False),
+                "labels": torch.tensor([float(f["label"]) for f in features])}
+
+
+@dataclass
+class PointwiseCollator(_BaseCollator):
+    """Items ``{"query", "label"}`` (integer class) -> ``{"query": tokens, "labels"}``."""
+
+    def __call__(self, features: List[Dict[str, Any]]) -> Dict[str, Any]:
+        return {"query": self.encode_texts([f["query"] for f in features], True),
+                "labels": torch.tensor([int(f["label"]) for f in features])}
+
+
+@dataclass
+class ListwiseCollator(_BaseCollator):
+    """Items ``{"query", "documents", "scores"}`` -> query tokens, ``"positive"`` (first document),
+    ``"negative"`` (the rest, ``[B * (n-1)]``) and ``"teacher_scores"`` ``[B, n]``."""
+
+    def __call__(self, features: List[Dict[str, Any]]) -> Dict[str, Any]:
+        sizes = {len(f["documents"]) for f in features}
+        if len(sizes) != 1:
+            raise ValueError(f"lists in a batch must have equal length, got {sorted(sizes)}")
+        batch = {"query": self.encode_texts([f["query"] for f in features], True),
+                 "positive": self.encode_texts([f["documents"][0] for f in features], False),
+                 "teacher_scores": torch.tensor([f["scores"] for f in features], dtype=torch.float)}
+        if sizes.pop() > 1:
+            batch["negative"] = self.encode_texts([d for f in features for d in f["documents"][1:]], False)
+        return batch

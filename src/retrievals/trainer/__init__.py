@@ -1,0 +1,3 @@
+from .retrieval_trainer import NonFiniteLossError, RetrievalTrainer
+
+__all__ = ["RetrievalTrainer", "NonFiniteLossError"]
