@@ -26,7 +26,7 @@ WORDS = "cat dog fish sky sun moon ocean blue red green".split()
 def pair_rows(n=32):
     rng = np.random.default_rng(0)
     rows = []
-    for i in range(n):
+    for _ in range(n):
         a, b = rng.choice(WORDS, 2, replace=False)
         rows.append({"query": f"{a} {b}", "positive": f"the {a} and the {b}",
                      "negative": [f"the {w}" for w in rng.choice([w for w in WORDS if w not in (a, b)], 3)]})
