@@ -254,14 +254,29 @@ class AutoModelForEmbedding(nn.Module):
         return similarity(a, b, metric="cosine")
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
-        """Write safetensors weights, the tokenizer, our config and sentence-transformers' files."""
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], merge_lora: bool = True, **kwargs: Any) -> None:
+        """Write safetensors weights, the tokenizer, our config and sentence-transformers' files.
+
+        With LoRA adapters the weights are written merged (a complete model that loads anywhere) and
+        the adapter itself goes to ``adapter/`` (for resuming); ``merge_lora=False`` writes only the
+        adapter and the config.
+        """
+        from .lora import is_peft_model, merged_copy, save_adapter
+
         save_directory = str(save_directory)
         os.makedirs(save_directory, exist_ok=True)
         kwargs.setdefault("safe_serialization", True)
-        self.model.save_pretrained(save_directory, **kwargs)
+        backbone = self.model
+        if is_peft_model(backbone):
+            save_adapter(backbone, save_directory)
+            if not merge_lora:
+                self.tokenizer.save_pretrained(save_directory)
+                self.embedding_config.save(save_directory, dimension=backbone.config.hidden_size)
+                return
+            backbone = merged_copy(backbone)
+        backbone.save_pretrained(save_directory, **kwargs)
         self.tokenizer.save_pretrained(save_directory)
-        self.embedding_config.save(save_directory, dimension=self.model.config.hidden_size)
+        self.embedding_config.save(save_directory, dimension=backbone.config.hidden_size)
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: Optional[int]) -> Iterator[List[int]]:

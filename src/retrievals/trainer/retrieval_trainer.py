@@ -93,7 +93,13 @@ class RetrievalTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         from safetensors.torch import load_file
 
+        from ..models.lora import is_peft_model, load_adapter_weights
+
         model = model or self.model
+        if is_peft_model(model.model):
+            if not load_adapter_weights(model.model, resume_from_checkpoint):
+                raise FileNotFoundError(f"Can't find a valid checkpoint at {resume_from_checkpoint} (no adapter/)")
+            return
         path = os.path.join(resume_from_checkpoint, "model.safetensors")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Can't find a valid checkpoint at {resume_from_checkpoint} (no model.safetensors)")

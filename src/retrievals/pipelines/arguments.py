@@ -1,0 +1,72 @@
+"""Command-line flags of the ``embed`` pipeline, defined once as dataclasses for ``HfArgumentParser``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from transformers import TrainingArguments
+
+from ..models.precision import cpu_has_fast_bf16
+
+logger = logging.getLogger(__name__)
+
+
+def unescape(text: Optional[str]) -> Optional[str]:
+    r"""Shell-quoted ``"...\nQuery: "`` arrives with a literal backslash-n; make it a newline."""
+    return text.replace("\\n", "\n").replace("\\t", "\t") if text else text
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Model directory, .gguf file or hub id"})
+    pooling_method: Optional[str] = field(default=None, metadata={"help": "cls, mean, last, max, weightedmean"})
+    query_instruction: Optional[str] = field(default=None, metadata={"help": "Prefix for queries (\\n allowed)"})
+    document_instruction: Optional[str] = field(default=None, metadata={"help": "Prefix for documents"})
+    query_max_length: int = field(default=64, metadata={"help": "Query tokens (instruction included)"})
+    document_max_length: int = field(default=512, metadata={"help": "Document tokens (instruction included)"})
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights (peft)"})
+    lora_rank: int = field(default=8)
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma list or all-linear"})
+    merge_lora: bool = field(default=True, metadata={"help": "Save the final model with adapters merged"})
+    trust_remote_code: bool = field(default=False)
+
+    def __post_init__(self) -> None:
+        self.query_instruction = unescape(self.query_instruction)
+        self.document_instruction = unescape(self.document_instruction)
+
+
+@dataclass
+class DataArguments:
+    data_name_or_path: Optional[str] = field(default=None, metadata={"help": "Training JSONL/CSV file or folder"})
+    query_key: str = field(default="query")
+    positive_key: str = field(default="positive")
+    negative_key: str = field(default="negative")
+    label_key: str = field(default="label", metadata={"help": "Score column for --loss_fn cosent"})
+    train_group_size: int = field(default=1, metadata={"help": "1 positive + (n-1) sampled negatives per query"})
+    skip_invalid: bool = field(default=False, metadata={"help": "Skip (and count) invalid records instead of failing"})
+    eval_data_dir: Optional[str] = field(default=None, metadata={"help": "BEIR-layout folder for --do_eval/--do_encode"})
+    eval_split: str = field(default="test")
+
+
+@dataclass
+class EmbedTrainingArguments(TrainingArguments):
+    loss_fn: str = field(default="infonce", metadata={"help": "Loss name (see retrievals.losses.LOSSES)"})
+    temperature: float = field(default=0.05)
+    use_inbatch_negative: bool = field(default=True)
+    negatives_cross_device: bool = field(default=False, metadata={"help": "Gather documents from all ranks"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir"})
+    do_encode: bool = field(default=False, metadata={"help": "Write corpus embeddings and ids of --eval_data_dir"})
+
+    def __post_init__(self) -> None:
+        if self.fp16 and not torch.cuda.is_available():
+            fallback = cpu_has_fast_bf16()
+            logger.warning("--fp16 needs a CUDA device; training on CPU with %s", "bf16" if fallback else "fp32")
+            self.fp16, self.bf16 = False, fallback
+        if self.report_to is None or self.report_to == "all":
+            self.report_to = []
+        super().__post_init__()

@@ -1,0 +1,152 @@
+"""Train, encode and evaluate an embedding model from the command line.
+
+    python -m retrievals.pipelines.embed --output_dir OUT --model_name_or_path MODEL --do_train \\
+        --data_name_or_path train.jsonl --positive_key positive --negative_key negative \\
+        --train_group_size 4 --temperature 0.02 --use_inbatch_negative false ...
+    torchrun --nproc_per_node 2 -m retrievals.pipelines.embed ...   (distributed, through the Trainer)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+from transformers import HfArgumentParser
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..data.beir import load_beir
+from ..data.collators import RetrievalCollator, ScoredPairCollator
+from ..data.datasets import RetrievalDataset, ScoredPairDataset
+from ..evaluation.retrieval import evaluate_retrieval
+from ..losses import get_loss
+from ..models.embedding_model import AutoModelForEmbedding
+from ..trainer import RetrievalTrainer
+from .arguments import DataArguments, EmbedTrainingArguments, ModelArguments
+
+logger = logging.getLogger(__name__)
+
+SCORED_LOSSES = {"cosent"}
+
+
+def load_model(model_args: ModelArguments) -> AutoModelForEmbedding:
+    model = AutoModelForEmbedding.from_pretrained(
+        model_args.model_name_or_path, pooling_method=model_args.pooling_method,
+        query_instruction=model_args.query_instruction, document_instruction=model_args.document_instruction,
+        max_length=model_args.document_max_length, query_max_length=model_args.query_max_length,
+        trust_remote_code=model_args.trust_remote_code, device="cpu",
+    )
+    if model_args.use_lora:
+        from ..models.lora import add_lora
+
+        add_lora(model, rank=model_args.lora_rank, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
+                 target_modules=model_args.lora_target_modules)
+    return model
+
+
+def build_loss(args: EmbedTrainingArguments):
+    kwargs: Dict[str, Any] = {}
+    name = args.loss_fn.lower()
+    if name in ("infonce", "simcse"):
+        kwargs = {"temperature": args.temperature, "negatives_cross_device": args.negatives_cross_device}
+        if name == "infonce":
+            kwargs["use_inbatch_negative"] = args.use_inbatch_negative
+    elif name in ("logistic", "listwise_kl"):
+        kwargs = {"temperature": args.temperature}
+    return get_loss(name, **kwargs)
+
+
+def build_dataset(data_args: DataArguments, loss_name: str):
+    if not data_args.data_name_or_path:
+        raise ValueError("--do_train needs --data_name_or_path")
+    if loss_name.lower() in SCORED_LOSSES:
+        return ScoredPairDataset(data_args.data_name_or_path, query_key=data_args.query_key,
+                                 document_key=data_args.positive_key, label_key=data_args.label_key,
+                                 skip_invalid=data_args.skip_invalid), ScoredPairCollator
+    return RetrievalDataset(data_args.data_name_or_path, query_key=data_args.query_key,
+                            positive_key=data_args.positive_key, negative_key=data_args.negative_key,
+                            train_group_size=data_args.train_group_size, skip_invalid=data_args.skip_invalid), \
+        RetrievalCollator
+
+
+def check_output_dir(args: EmbedTrainingArguments) -> Optional[str]:
+    """The checkpoint to resume from, if any; refuse a non-empty output dir without permission."""
+    if args.resume_from_checkpoint:
+        return args.resume_from_checkpoint
+    if not args.do_train or not os.path.isdir(args.output_dir) or not os.listdir(args.output_dir):
+        return None
+    last = get_last_checkpoint(args.output_dir)
+    if args.overwrite_output_dir:
+        return None
+    if last is None:
+        raise ValueError(f"Output directory {args.output_dir!r} is not empty; pass --overwrite_output_dir")
+    logger.info("Resuming from %s", last)
+    return last
+
+
+def train(model, model_args, data_args, args: EmbedTrainingArguments) -> RetrievalTrainer:
+    dataset, collator_cls = build_dataset(data_args, args.loss_fn)
+    if len(dataset) < args.per_device_train_batch_size * max(1, args.world_size) and args.dataloader_drop_last:
+        raise ValueError(f"{len(dataset)} examples are fewer than one batch "
+                         f"({args.per_device_train_batch_size} x {args.world_size}) with --dataloader_drop_last")
+    collator = collator_cls(model.tokenizer, query_max_length=model_args.query_max_length,
+                            document_max_length=model_args.document_max_length)
+    trainer = RetrievalTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                               loss_fn=build_loss(args))
+    trainer.train(resume_from_checkpoint=check_output_dir(args))
+    return trainer
+
+
+def encode_corpus_to_disk(model, data_dir: str, output_dir: str) -> str:
+    data = load_beir(data_dir, split="test")
+    ids = data.corpus_ids()
+    embeddings = model.encode_corpus(data.corpus_texts(), show_progress_bar=True)
+    path = os.path.join(output_dir, "corpus_embeddings.npy")
+    np.save(path, embeddings.astype(np.float32))
+    with open(os.path.join(output_dir, "corpus_ids.json"), "w", encoding="utf-8") as f:
+        json.dump(ids, f)
+    return path
+
+
+def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedTrainingArguments) -> Dict[str, Any]:
+    """Train (``do_train``), save, encode (``do_encode``) and evaluate (``do_eval``); returns a summary."""
+    model = load_model(model_args)
+    result: Dict[str, Any] = {}
+    if args.do_train:
+        trainer = train(model, model_args, data_args, args)
+        result["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        if trainer.is_world_process_zero():
+            model.save_pretrained(args.output_dir, merge_lora=model_args.merge_lora)
+    if not args.process_index == 0:
+        return result
+    if args.do_encode:
+        if not data_args.eval_data_dir:
+            raise ValueError("--do_encode needs --eval_data_dir (a BEIR-layout folder)")
+        os.makedirs(args.output_dir, exist_ok=True)
+        result["embeddings_file"] = encode_corpus_to_disk(model, data_args.eval_data_dir, args.output_dir)
+    if args.do_eval:
+        if not data_args.eval_data_dir:
+            raise ValueError("--do_eval needs --eval_data_dir (a BEIR-layout folder)")
+        data = load_beir(data_args.eval_data_dir, split=data_args.eval_split)
+        result["metrics"] = evaluate_retrieval(model, data).metrics
+        print(json.dumps(result["metrics"], indent=2))
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = HfArgumentParser((ModelArguments, DataArguments, EmbedTrainingArguments))
+    try:
+        model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+        run_embed(model_args, data_args, args)
+    except (FileNotFoundError, ValueError, OSError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from retrievals import AutoModelForEmbedding
+from retrievals.pipelines import build_hn, embed
+
+WORDS = "cat dog fish sky sun moon ocean blue red green".split()
+
+
+def write_pairs(path, n=48, with_negatives=True):
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.choice(WORDS, 2, replace=False)
+            rec = {"query": f"{a} {b}", "positive": [f"the {a} and the {b}"]}
+            if with_negatives:
+                rec["negative"] = [f"the {w}" for w in rng.choice([w for w in WORDS if w not in (a, b)], 3)]
+            f.write(json.dumps(rec) + "\n")
+    return str(path)
+
+
+def common_flags(tmp_path, model_dir, data):
+    return ["--output_dir", str(tmp_path / "out"), "--model_name_or_path", model_dir, "--do_train",
+            "--data_name_or_path", data, "--per_device_train_batch_size", "8", "--num_train_epochs", "1",
+            "--learning_rate", "5e-4", "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "True",
+            "--report_to", "none"]
+
+
+def test_embed_pipeline_seed_flags(tiny_bert_dir, tmp_path):
+    data = write_pairs(tmp_path / "train.jsonl")
+    argv = common_flags(tmp_path, tiny_bert_dir, data) + [
+        "--overwrite_output_dir", "--positive_key", "positive", "--negative_key", "negative", "--fp16",
+        "--dataloader_drop_last", "True", "--query_max_length", "16", "--document_max_length", "24",
+        "--train_group_size", "3", "--temperature", "0.02", "--use_inbatch_negative", "false",
+        "--pooling_method", "cls", "--query_instruction", "query:\\n", "--document_instruction", "doc: ",
+        "--gradient_accumulation_steps", "2", "--save_total_limit", "1"]
+    assert embed.main(argv) == 0
+    model = AutoModelForEmbedding.from_pretrained(tmp_path / "out")
+    cfg = model.embedding_config
+    assert (cfg.pooling_method, cfg.query_instruction, cfg.document_instruction) == ("cls", "query:\n", "doc: ")
+    assert (cfg.query_max_length, cfg.max_length) == (16, 24)
+
+
+def test_embed_pipeline_errors(tiny_bert_dir, tmp_path, capsys):
+    assert embed.main(common_flags(tmp_path, tiny_bert_dir, str(tmp_path / "missing.jsonl"))) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "a", "positive": "b"}\n{"query": "a", "positive": \n')
+    assert embed.main(common_flags(tmp_path, tiny_bert_dir, str(bad))) == 2
+    assert "bad.jsonl:2: malformed JSON" in capsys.readouterr().err
+    good = write_pairs(tmp_path / "good.jsonl")
+    assert embed.main(common_flags(tmp_path, tiny_bert_dir, good) + ["--loss_fn", "nce"]) == 2
+    assert "Unknown loss 'nce'" in capsys.readouterr().err
+    assert embed.main(common_flags(tmp_path, tiny_bert_dir, good) + ["--no_such_flag", "1"]) == 2
+    assert "--no_such_flag" in capsys.readouterr().err
+
+
+def test_build_hn(tiny_bert_dir, tmp_path):
+    records = [{"query": f"{a} {b}", "positive": [f"the {a} and the {b}"]} for a, b in zip(WORDS, WORDS[1:])]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pool = tmp_path / "pool.jsonl"
+    pool_texts = [f"the {a} and the {b}" for a in WORDS for b in WORDS if a != b] + ["THE cat  and the dog"]
+    pool.write_text("".join(json.dumps({"text": t}) + "\n" for t in pool_texts))
+
+    def run(output, value_range="2-30"):
+        return build_hn.main(["--model_name_or_path", tiny_bert_dir, "--input_file", str(inp), "--output_file",
+                              str(tmp_path / output), "--positive_key", "positive", "--negative_key", "negative",
+                              "--range_for_sampling", value_range, "--negative_number", "5",
+                              "--candidate_pool", str(pool)])
+
+    assert run("o1.jsonl") == 0 and run("o2.jsonl") == 0
+    out1 = (tmp_path / "o1.jsonl").read_text()
+    assert out1 == (tmp_path / "o2.jsonl").read_text()  # deterministic under the same seed
+    for line in out1.splitlines():
+        rec = json.loads(line)
+        norm = {" ".join(p.split()).lower() for p in rec["positive"]}
+        assert len(rec["negative"]) == 5 and len(set(rec["negative"])) == 5
+        assert not norm & {" ".join(n.split()).lower() for n in rec["negative"]}
+    # a range holding too few candidates is back-filled to the requested count
+    assert run("o3.jsonl", "2-4") == 0
+    assert all(len(json.loads(x)["negative"]) == 5 for x in (tmp_path / "o3.jsonl").read_text().splitlines())
+    assert run("o4.jsonl", "200-2") == 2
+
+
+def test_lora_decoder_merged_equals_adapter(tiny_llama_dir, tmp_path):
+    data = write_pairs(tmp_path / "train.jsonl", with_negatives=False)
+    argv = common_flags(tmp_path, tiny_llama_dir, data) + [
+        "--pooling_method", "last", "--use_lora", "True", "--lora_target_modules", "q_proj,v_proj",
+        "--query_instruction", "query: ", "--num_train_epochs", "3"]
+    args = embed.HfArgumentParser((embed.ModelArguments, embed.DataArguments, embed.EmbedTrainingArguments))
+    model_args, data_args, train_args = args.parse_args_into_dataclasses(args=argv)
+    model = embed.load_model(model_args)
+    trainer = embed.train(model, model_args, data_args, train_args)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    model.save_pretrained(tmp_path / "merged")
+    merged = AutoModelForEmbedding.from_pretrained(tmp_path / "merged", precision="fp32")
+    texts = ["cat dog", "the sun and the moon"]
+    a = model.encode(texts, is_query=True, precision="fp32")
+    b = merged.encode(texts, is_query=True, precision="fp32")
+    assert (a * b).sum(1).min() > 0.9999
+    assert os.path.isfile(tmp_path / "merged" / "adapter" / "adapter_model.safetensors")
+
+
+def test_torchrun_two_processes(tiny_bert_dir, tmp_path):
+    data = write_pairs(tmp_path / "train.jsonl", with_negatives=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "retrievals.pipelines.embed"] + common_flags(tmp_path, tiny_bert_dir, data) + [
+        "--negatives_cross_device", "True", "--ddp_backend", "gloo"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = AutoModelForEmbedding.from_pretrained(tmp_path / "out")
+    assert model.encode("cat dog").shape == (32,)
