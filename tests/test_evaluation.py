@@ -77,3 +77,26 @@ def test_sts_loader(tmp_path):
     with pytest.raises(ValueError, match=r"b.data:1: field 'score' is not a number"):
         load_sts(str(tmp_path / "b.data"))
     assert np.isclose(load_sts(str(tmp_path / "a.csv")).scores[1], 1.0)
+
+
+def test_metrics_equal_pytrec_eval_on_a_run_file():
+    import pytrec_eval  # the reference implementation (a dev dependency)
+    rng = np.random.default_rng(0)
+    docs = [f"d{i}" for i in range(300)]
+    qrels = {f"q{q}": {d: int(rng.integers(1, 3)) for d in rng.choice(docs, int(rng.integers(1, 6)), replace=False)}
+             for q in range(50)}
+    run = {q: {d: float(s) for d, s in zip(rng.choice(docs, 120, replace=False), rng.random(120))} for q in qrels}
+    for q in list(run)[:5]:  # put some relevant documents near the top
+        for d in qrels[q]:
+            run[q][d] = 2.0 + rng.random()
+    ours = evaluate_run(run, qrels, ["ndcg@10", "mrr@10", "recall@100", "map@100"])
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recip_rank", "recall.100", "map_cut.100"})
+    ref = evaluator.evaluate(run)
+    mean = lambda key: float(np.mean([r[key] for r in ref.values()]))  # noqa: E731
+    assert ours["ndcg@10"] == pytest.approx(mean("ndcg_cut_10"), abs=1e-9)
+    assert ours["recall@100"] == pytest.approx(mean("recall_100"), abs=1e-9)
+    assert ours["map@100"] == pytest.approx(mean("map_cut_100"), abs=1e-9)
+    # trec_eval's recip_rank has no cut-off; compare on a run truncated to 10 documents
+    top10 = {q: dict(sorted(d.items(), key=lambda x: (x[1], x[0]), reverse=True)[:10]) for q, d in run.items()}
+    ref10 = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    assert ours["mrr@10"] == pytest.approx(float(np.mean([r["recip_rank"] for r in ref10.values()])), abs=1e-9)

@@ -150,3 +150,23 @@ def test_finetune_beir_main_job_on_tiny_data(tiny_bert_dir, tmp_path):
     assert (out / "finetune.png").stat().st_size > 1000
     assert AutoModelForEmbedding.from_pretrained(out).embedding_config.max_length == 256
     assert finetune_beir.main(["--model_name_or_path", tiny_bert_dir, "--data_dir", str(tmp_path / "nope")]) == 2
+
+
+def test_embed_do_encode_and_do_eval(tiny_bert_dir, tmp_path):
+    import gzip
+
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    with gzip.open(root / "corpus.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"_id": f"doc-{w}", "title": w, "text": f"the {w}"}) + "\n" for w in WORDS)
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": w}) + "\n" for i, w in enumerate(WORDS)))
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                             "".join(f"q{i}\tdoc-{w}\t1\n" for i, w in enumerate(WORDS)))
+    out = tmp_path / "enc"
+    assert embed.main(["--output_dir", str(out), "--model_name_or_path", tiny_bert_dir, "--do_encode", "--do_eval",
+                       "--eval_data_dir", str(root), "--report_to", "none"]) == 0
+    ids = json.loads((out / "corpus_ids.json").read_text())
+    assert ids == [f"doc-{w}" for w in WORDS]  # corpus ids, not row positions
+    emb = np.load(out / "corpus_embeddings.npy")
+    model = AutoModelForEmbedding.from_pretrained(tiny_bert_dir)
+    np.testing.assert_allclose(emb[2], model.encode_corpus([{"title": "fish", "text": "the fish"}])[0], atol=1e-5)

@@ -162,3 +162,21 @@ def test_group_sampling_is_seeded_and_replaces_only_when_short():
     b = RetrievalDataset(rows, train_group_size=4, seed=1)
     assert a[0] == b[0] and len(set(a[0]["negative"])) == 3
     assert a[1]["negative"] == ["m1", "m1", "m1"]
+
+
+def test_retrieval_evaluator_callback_during_training(tiny_bert_dir, tmp_path):
+    from retrievals.data.beir import BeirDataset
+    from retrievals.evaluation import RetrievalEvaluatorCallback
+
+    rows = pair_rows(32)
+    corpus = {f"d{i}": {"title": "", "text": r["positive"]} for i, r in enumerate(rows)}
+    dev = BeirDataset(corpus, {f"q{i}": r["query"] for i, r in enumerate(rows)}, {f"q{i}": {f"d{i}": 1} for i in range(32)})
+    model = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, pooling_method="mean")
+    callback = RetrievalEvaluatorCallback(model, dev, eval_steps=2)
+    trainer = RetrievalTrainer(model=model, args=args(tmp_path, num_train_epochs=2), train_dataset=rows,
+                               data_collator=PairCollator(model.tokenizer), loss_fn=InfoNCE(temperature=0.1),
+                               callbacks=[callback])
+    trainer.train()
+    assert [step for step, _ in callback.history] == [2, 4, 6, 8]
+    assert all(0 <= m["dev_ndcg@10"] <= 1 for _, m in callback.history)
+    assert any("dev_ndcg@10" in h for h in trainer.state.log_history)

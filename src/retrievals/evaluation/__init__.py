@@ -1,6 +1,10 @@
+from .callback import RetrievalEvaluatorCallback
 from .metrics import RETRIEVAL_METRICS, evaluate_run
 from .retrieval import RetrievalResult, evaluate_retrieval
 from .search import exact_search
 from .sts import evaluate_sts
 
-__all__ = ["RETRIEVAL_METRICS", "evaluate_run", "RetrievalResult", "evaluate_retrieval", "exact_search", "evaluate_sts"]
+__all__ = [
+    "RetrievalEvaluatorCallback", "RETRIEVAL_METRICS", "evaluate_run", "RetrievalResult", "evaluate_retrieval",
+    "exact_search", "evaluate_sts",
+]
