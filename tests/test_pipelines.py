@@ -170,3 +170,29 @@ def test_embed_do_encode_and_do_eval(tiny_bert_dir, tmp_path):
     emb = np.load(out / "corpus_embeddings.npy")
     model = AutoModelForEmbedding.from_pretrained(tiny_bert_dir)
     np.testing.assert_allclose(emb[2], model.encode_corpus([{"title": "fish", "text": "the fish"}])[0], atol=1e-5)
+
+
+def test_embed_resumes_from_last_checkpoint(tiny_bert_dir, tmp_path, capsys):
+    import shutil
+
+    data = write_pairs(tmp_path / "train.jsonl", with_negatives=False)
+    flags = common_flags(tmp_path, tiny_bert_dir, data)
+    flags[flags.index("--save_strategy") + 1] = "steps"
+    flags += ["--max_steps", "6", "--save_steps", "2"]
+    assert embed.main(flags) == 0
+    uninterrupted = AutoModelForEmbedding.from_pretrained(tmp_path / "out", precision="fp32").encode(WORDS)
+    shutil.rmtree(tmp_path / "out" / "checkpoint-6")  # as if killed after step 4
+    parser = embed.HfArgumentParser((embed.ModelArguments, embed.DataArguments, embed.EmbedTrainingArguments))
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=flags)
+    assert embed.check_output_dir(train_args).endswith("checkpoint-4")
+    model = embed.load_model(model_args)
+    trainer = embed.train(model, model_args, data_args, train_args)
+    assert trainer.state.global_step == 6
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    # same final weights as the uninterrupted run: weights, optimizer, schedule and data order restored
+    np.testing.assert_allclose(model.encode(WORDS, precision="fp32"), uninterrupted, atol=1e-5)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file.txt").write_text("x")
+    flags[flags.index("--output_dir") + 1] = str(tmp_path / "other")
+    assert embed.main(flags) == 2
+    assert "--overwrite_output_dir" in capsys.readouterr().err
