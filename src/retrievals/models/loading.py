@@ -77,7 +77,21 @@ def load_backbone(path: str, is_local: bool, trust_remote_code: bool, kwargs: Di
         model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, **model_kwargs)
     except OSError as e:
         raise OSError(f"Could not load model {path!r}: {e}") from e
+    if kwargs.get("gguf_file"):
+        _forget_gguf_quantization(model)
     return model, tokenizer
+
+
+def _forget_gguf_quantization(model) -> None:
+    """GGUF weights are de-quantized to torch tensors on load, but transformers still marks the model
+    as quantized, which blocks ``save_pretrained`` and full fine-tuning. Clear that marker."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
 
 
 def is_decoder_model(config) -> bool:
