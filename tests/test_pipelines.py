@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+from transformers import HfArgumentParser
 
 from retrievals import AutoModelForEmbedding
 from retrievals.pipelines import build_hn, embed
@@ -93,7 +94,7 @@ def test_lora_decoder_merged_equals_adapter(tiny_llama_dir, tmp_path):
     argv = common_flags(tmp_path, tiny_llama_dir, data) + [
         "--pooling_method", "last", "--use_lora", "True", "--lora_target_modules", "q_proj,v_proj",
         "--query_instruction", "query: ", "--num_train_epochs", "3"]
-    args = embed.HfArgumentParser((embed.ModelArguments, embed.DataArguments, embed.EmbedTrainingArguments))
+    args = HfArgumentParser((embed.ModelArguments, embed.DataArguments, embed.EmbedTrainingArguments))
     model_args, data_args, train_args = args.parse_args_into_dataclasses(args=argv)
     model = embed.load_model(model_args)
     trainer = embed.train(model, model_args, data_args, train_args)
@@ -182,7 +183,7 @@ def test_embed_resumes_from_last_checkpoint(tiny_bert_dir, tmp_path, capsys):
     assert embed.main(flags) == 0
     uninterrupted = AutoModelForEmbedding.from_pretrained(tmp_path / "out", precision="fp32").encode(WORDS)
     shutil.rmtree(tmp_path / "out" / "checkpoint-6")  # as if killed after step 4
-    parser = embed.HfArgumentParser((embed.ModelArguments, embed.DataArguments, embed.EmbedTrainingArguments))
+    parser = HfArgumentParser((embed.ModelArguments, embed.DataArguments, embed.EmbedTrainingArguments))
     model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=flags)
     assert embed.check_output_dir(train_args).endswith("checkpoint-4")
     model = embed.load_model(model_args)

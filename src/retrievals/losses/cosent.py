@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .utils import check_pair, flatten_negatives
+from .utils import check_pair, pos_neg_cosines
 
 
 def _ordered_pair_loss(scores: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
@@ -56,14 +56,8 @@ class CircleLoss(nn.Module):
 
     def forward(self, query: torch.Tensor, positive: torch.Tensor, negative: Optional[torch.Tensor] = None,
                 **kwargs) -> torch.Tensor:
-        check_pair(query, positive)
-        if negative is None:
-            raise ValueError("CircleLoss needs negatives")
-        batch = query.shape[0]
-        negative = flatten_negatives(negative, batch).reshape(batch, -1, query.shape[-1])
-        q = nn.functional.normalize(query, dim=-1)
-        s_p = (q * nn.functional.normalize(positive, dim=-1)).sum(-1)
-        s_n = torch.einsum("bd,bnd->bn", q, nn.functional.normalize(negative, dim=-1))
+        s_p, s_n = pos_neg_cosines(query, positive, negative)
+        s_p = s_p.squeeze(1)
         m = self.margin
         a_p, a_n = torch.relu(1 + m - s_p), torch.relu(s_n + m)
         if self.detach_weights:

@@ -7,20 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .utils import check_pair, flatten_negatives
-
-
-def _pos_neg_scores(query, positive, negative):
-    """Cosine ``s(q, p)`` ``[B, 1]`` and ``s(q, n)`` ``[B, n]`` for each query's own negatives."""
-    check_pair(query, positive)
-    if negative is None:
-        raise ValueError("this loss needs negatives (query, positive, negative)")
-    batch = query.shape[0]
-    negative = flatten_negatives(negative, batch).reshape(batch, -1, query.shape[-1])
-    q = nn.functional.normalize(query, dim=-1)
-    pos = (q * nn.functional.normalize(positive, dim=-1)).sum(-1, keepdim=True)
-    neg = torch.einsum("bd,bnd->bn", q, nn.functional.normalize(negative, dim=-1))
-    return pos, neg
+from .utils import pos_neg_cosines
 
 
 class TripletLoss(nn.Module):
@@ -36,7 +23,7 @@ class TripletLoss(nn.Module):
 
     def forward(self, query: torch.Tensor, positive: torch.Tensor, negative: Optional[torch.Tensor] = None,
                 **kwargs) -> torch.Tensor:
-        pos, neg = _pos_neg_scores(query, positive, negative)
+        pos, neg = pos_neg_cosines(query, positive, negative)
         return torch.relu(neg - pos + self.margin).mean()
 
 
@@ -59,5 +46,5 @@ class PairwiseLogisticLoss(nn.Module):
 
     def forward(self, query: torch.Tensor, positive: torch.Tensor, negative: Optional[torch.Tensor] = None,
                 **kwargs) -> torch.Tensor:
-        pos, neg = _pos_neg_scores(query, positive, negative)
+        pos, neg = pos_neg_cosines(query, positive, negative)
         return nn.functional.softplus((neg - pos) / self.temperature).mean()

@@ -102,3 +102,16 @@ def masked_cross_entropy(scores: torch.Tensor, labels: torch.Tensor, criterion: 
     if criterion.reduction == "none":
         return nll
     return nll.mean()
+
+
+def pos_neg_cosines(query: torch.Tensor, positive: torch.Tensor, negative: Optional[torch.Tensor]):
+    """Cosine ``s(q, p)`` ``[B, 1]`` and ``s(q, n)`` ``[B, n]`` against each query's own negatives."""
+    check_pair(query, positive)
+    if negative is None:
+        raise ValueError("this loss needs negatives (query, positive, negative)")
+    batch = query.shape[0]
+    negative = flatten_negatives(negative, batch).reshape(batch, -1, query.shape[-1])
+    q = torch.nn.functional.normalize(query, dim=-1)
+    pos = (q * torch.nn.functional.normalize(positive, dim=-1)).sum(-1, keepdim=True)
+    neg = torch.einsum("bd,bnd->bn", q, torch.nn.functional.normalize(negative, dim=-1))
+    return pos, neg

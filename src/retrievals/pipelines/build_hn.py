@@ -15,13 +15,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from transformers import HfArgumentParser
-
 from ..data.jsonl import iter_jsonl, require_str
-from ..data.records import InvalidRecord, text_field, text_list_field
+from ..data.records import text_field, text_list_field
 from ..mining.hard_negatives import mine_hard_negatives, parse_range
 from ..models.embedding_model import AutoModelForEmbedding
 from .arguments import unescape
+from .cli import run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +82,7 @@ def run_build_hn(args: BuildHNArguments) -> List[dict]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        (args,) = HfArgumentParser(BuildHNArguments).parse_args_into_dataclasses(args=argv)
-        run_build_hn(args)
-    except (FileNotFoundError, ValueError, OSError, InvalidRecord) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli([BuildHNArguments], run_build_hn, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import sys
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-from transformers import HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.beir import load_beir
@@ -26,6 +25,7 @@ from ..losses import get_loss
 from ..models.embedding_model import AutoModelForEmbedding
 from ..trainer import RetrievalTrainer
 from .arguments import DataArguments, EmbedTrainingArguments, ModelArguments
+from .cli import run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -137,15 +137,7 @@ def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedT
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = HfArgumentParser((ModelArguments, DataArguments, EmbedTrainingArguments))
-    try:
-        model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
-        run_embed(model_args, data_args, args)
-    except (FileNotFoundError, ValueError, OSError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli([ModelArguments, DataArguments, EmbedTrainingArguments], run_embed, argv)
 
 
 if __name__ == "__main__":

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
-
-from transformers import HfArgumentParser
 
 from ..data.beir import load_beir
 from ..data.sts import load_sts
 from ..evaluation.retrieval import evaluate_retrieval
 from ..evaluation.sts import evaluate_sts
 from ..models.embedding_model import AutoModelForEmbedding
+from .cli import run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -83,17 +81,8 @@ def _print_report(args: EvalArguments, metrics: Dict[str, float]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = HfArgumentParser(EvalArguments)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    try:
-        run_eval(args)
-    except (FileNotFoundError, ValueError, OSError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli([EvalArguments], run_eval, argv)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

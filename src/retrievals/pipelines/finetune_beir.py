@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
 from ..data.beir import load_beir
 from ..data.collators import RetrievalCollator
@@ -25,6 +25,7 @@ from ..mining.hard_negatives import mine_hard_negatives, parse_range
 from ..models.embedding_model import AutoModelForEmbedding
 from ..models.precision import cpu_has_fast_bf16
 from ..trainer import RetrievalTrainer
+from .cli import run_cli
 
 logger = logging.getLogger(__name__)
 METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
@@ -128,20 +129,19 @@ def save_plot(result: Dict[str, Any], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        (args,) = HfArgumentParser(FinetuneArguments).parse_args_into_dataclasses(args=argv)
-        result = run_finetune(args)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run_and_report(args: FinetuneArguments) -> Dict[str, Any]:
+    """:func:`run_finetune`, then the table, the plot and the JSON figures in ``output_dir``."""
+    result = run_finetune(args)
     print_table(result)
     save_plot(result, os.path.join(args.output_dir, "finetune.png"))
     with open(os.path.join(args.output_dir, "finetune_result.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     print(f"\nModel, plot and figures saved in {args.output_dir}")
-    return 0
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_cli([FinetuneArguments], run_and_report, argv)
 
 
 if __name__ == "__main__":
