@@ -111,6 +111,16 @@ def encode_corpus_to_disk(model, data_dir: str, output_dir: str) -> str:
     return path
 
 
+def _leave_process_group() -> None:
+    """Under torchrun: wait for rank 0's save, then tear the process group down, so no rank exits
+    while gloo threads are still running (that aborts the process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedTrainingArguments) -> Dict[str, Any]:
     """Train (``do_train``), save, encode (``do_encode``) and evaluate (``do_eval``); returns a summary."""
     model = load_model(model_args)
@@ -120,6 +130,7 @@ def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedT
         result["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         if trainer.is_world_process_zero():
             model.save_pretrained(args.output_dir, merge_lora=model_args.merge_lora)
+    _leave_process_group()
     if not args.process_index == 0:
         return result
     if args.do_encode:
