@@ -56,7 +56,6 @@ class RetrievalDataset(Dataset):
         self.train_group_size = train_group_size
         self.seed, self.epoch = seed, 0
         self.rows = load_validated(source, self._parse, skip_invalid)
-        self._warned_short = False
         need = train_group_size - 1
         short = sum(1 for r in self.rows if 0 < len(r["negative"]) < need)
         if need and short:

@@ -59,9 +59,7 @@ def tokenize_texts(
         return_token_type_ids=False,
         verbose=False,
     )["input_ids"]
-    num_truncated = 0
-    if encoded and len(encoded) > 0:
-        num_truncated = sum(1 for ids in encoded if len(ids) >= budget)
+    num_truncated = sum(1 for ids in encoded if len(ids) >= budget)
     if append_eos:
         eos = tokenizer.eos_token_id
         if eos is None:
