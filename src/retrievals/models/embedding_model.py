@@ -158,8 +158,11 @@ class AutoModelForEmbedding(nn.Module):
         return self._accepts_position_ids
 
     # ------------------------------------------------------------------ tokenising
-    def tokenize(self, texts: Sequence[str], is_query: bool = False, max_length: Optional[int] = None) -> List[List[int]]:
-        """Token ids with the side's instruction and EOS handling (shared with the collators)."""
+    def tokenize(self, texts: Sequence[str], is_query: bool = False, max_length: Optional[int] = None,
+                 truncation: bool = True) -> List[List[int]]:
+        """Token ids with the side's instruction and EOS handling (shared with the collators).
+
+        ``truncation=False`` returns full-length ids (callers check them against ``max_length``)."""
         cfg = self.embedding_config
         tokenized = tokenize_texts(
             self.tokenizer,
@@ -167,8 +170,9 @@ class AutoModelForEmbedding(nn.Module):
             max_length=max_length or cfg.max_length_for(is_query),
             instruction=cfg.instruction_for(is_query),
             append_eos=cfg.append_eos,
+            truncation=truncation,
         )
-        if tokenized.num_truncated:
+        if tokenized.num_truncated and truncation:
             logger.info("%d of %d texts reached max_length and were truncated", tokenized.num_truncated, len(texts))
         return tokenized.input_ids
 
@@ -196,20 +200,41 @@ class AutoModelForEmbedding(nn.Module):
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
         check_texts(texts)
+        ids = self.tokenize(texts, is_query=is_query, max_length=max_length) if texts else []
+        if show_progress_bar is None:
+            show_progress_bar = logger.getEffectiveLevel() <= logging.INFO and len(texts) > 4 * batch_size
+        out = self.encode_ids(ids, batch_size=batch_size, max_batch_tokens=max_batch_tokens, precision=precision,
+                              show_progress_bar=show_progress_bar)
+        out = self.finalize_embeddings(out, normalize_embeddings, truncate_dim)
+        if single:
+            out = out[0]
+        if convert_to_tensor or not convert_to_numpy:
+            return out
+        return out.numpy()
+
+    def encode_ids(
+        self,
+        ids: Sequence[Sequence[int]],
+        batch_size: int = 32,
+        max_batch_tokens: Optional[int] = None,
+        precision: Optional[str] = None,
+        show_progress_bar: bool = False,
+    ) -> torch.Tensor:
+        """Pooled float32 embeddings ``[n, hidden]`` (not normalised) for token id lists, in input order.
+
+        The one inference path behind :meth:`encode` and the HTTP server: ids are sorted by length and
+        batched so that each batch is padded only to its own longest text, with at most ``batch_size``
+        texts and ``max_batch_tokens`` padded tokens (default 4096 on CPU) per batch.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         device = self.device
-        dim = self.model.config.hidden_size
-        if not texts:
-            out = torch.empty((0, dim))
-            return out if convert_to_tensor else out.numpy()
-        ids = self.tokenize(texts, is_query=is_query, max_length=max_length)
+        out = torch.empty((len(ids), self.model.config.hidden_size), dtype=torch.float32)
+        if not ids:
+            return out
         if max_batch_tokens is None and device.type == "cpu":
             max_batch_tokens = DEFAULT_CPU_BATCH_TOKENS
         resolved = resolve_precision(precision or self.precision, device)
-        if show_progress_bar is None:
-            show_progress_bar = logger.getEffectiveLevel() <= logging.INFO and len(texts) > 4 * batch_size
-        out = torch.empty((len(texts), dim), dtype=torch.float32)
         was_training = self.training
         self.eval()
         try:
@@ -221,14 +246,11 @@ class AutoModelForEmbedding(nn.Module):
                     out[batch] = self._pooled(**inputs).cpu()
         finally:
             self.train(was_training)
-        out = self._postprocess(out, normalize_embeddings, truncate_dim)
-        if single:
-            out = out[0]
-        if convert_to_tensor or not convert_to_numpy:
-            return out
-        return out.numpy()
+        return out
 
-    def _postprocess(self, out: torch.Tensor, normalize: Optional[bool], truncate_dim: Optional[int]) -> torch.Tensor:
+    def finalize_embeddings(self, out: torch.Tensor, normalize: Optional[bool] = None,
+                            truncate_dim: Optional[int] = None) -> torch.Tensor:
+        """Truncate to ``truncate_dim`` (default: the saved one), then L2-normalise if configured."""
         truncate_dim = truncate_dim or self.embedding_config.truncate_dim
         if truncate_dim:
             if truncate_dim > out.shape[-1]:

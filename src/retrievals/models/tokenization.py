@@ -38,8 +38,12 @@ def tokenize_texts(
     max_length: int,
     instruction: str = "",
     append_eos: bool = False,
+    truncation: bool = True,
 ) -> TokenizedTexts:
     """Tokenize ``instruction + text`` for each text, truncating to ``max_length`` tokens in all.
+
+    ``truncation=False`` keeps every token (``num_truncated`` then counts the texts that would have
+    been cut), for callers that reject over-long texts instead of cutting them.
 
     With ``append_eos`` the EOS id is the last token of every sequence (it replaces the last
     token of an over-long text so the sequence still fits ``max_length``).
@@ -51,15 +55,16 @@ def tokenize_texts(
     encoded = tokenizer(
         prefixed,
         add_special_tokens=True,
-        truncation=True,
-        max_length=budget,
+        truncation=truncation,
+        max_length=budget if truncation else None,
         return_overflowing_tokens=False,
         return_length=False,
         return_attention_mask=False,
         return_token_type_ids=False,
         verbose=False,
     )["input_ids"]
-    num_truncated = sum(1 for ids in encoded if len(ids) >= budget)
+    num_truncated = sum(1 for ids in encoded if len(ids) >= budget) if truncation else \
+        sum(1 for ids in encoded if len(ids) > budget)
     if append_eos:
         eos = tokenizer.eos_token_id
         if eos is None:

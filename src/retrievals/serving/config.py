@@ -1,0 +1,63 @@
+"""Server limits and batching settings, checked against the model before the server starts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+__all__ = ["ServerConfig"]
+
+
+@dataclass
+class ServerConfig:
+    """What the embedding server accepts and how it batches.
+
+    Capacity is counted in texts: a request with N inputs holds N of ``max_queue_items`` slots from
+    admission until it is answered (or dropped), so a batch request and N single requests weigh the
+    same. A request that does not fit gets 429 at once, with ``Retry-After``.
+    """
+
+    served_model_name: str = "model"
+    api_key: Optional[str] = None
+    max_client_batch_size: int = 256          # inputs per request
+    max_input_chars: Optional[int] = None      # per input; default 16 x the model's max length
+    max_request_tokens: Optional[int] = None   # per request, after truncation; default unlimited
+    max_body_bytes: int = 8 * 1024 * 1024
+    auto_truncate: bool = True                 # default of the request's `truncate` field
+    max_batch_tokens: int = 16384              # tokens per model batch (the batcher's budget)
+    max_batch_size: int = 128                  # texts per model batch
+    max_wait_ms: float = 2.0                   # how long the first text of a batch waits for company
+    batching: bool = True                      # False: one model call per request, as it comes
+    max_queue_items: int = 1024                # capacity in texts (waiting + running)
+    request_timeout: float = 60.0              # seconds until an admitted request gets 503
+    health_timeout: float = 10.0
+    retry_after: int = 1                       # seconds, sent with 429
+    cors_origins: List[str] = field(default_factory=list)
+
+    def check(self, max_input_length: int) -> None:
+        """Raise ``ValueError`` for settings that could never serve a valid request."""
+        positive = ("max_client_batch_size", "max_body_bytes", "max_batch_tokens", "max_batch_size", "max_queue_items")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_tokens < max_input_length:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) < the model's max input length ({max_input_length}): "
+                "a text of full length could never be batched; raise max_batch_tokens or lower the max length")
+        if self.max_queue_items < self.max_client_batch_size:
+            raise ValueError(f"max_queue_items ({self.max_queue_items}) < max_client_batch_size "
+                             f"({self.max_client_batch_size}): a full-size request could never be admitted")
+        if self.max_wait_ms < 0 or self.request_timeout <= 0 or self.health_timeout <= 0:
+            raise ValueError("max_wait_ms must be >= 0, request_timeout and health_timeout > 0")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is set but empty")
+
+    def input_chars_limit(self, max_input_length: int) -> int:
+        return self.max_input_chars or 16 * max_input_length
+
+    def public(self) -> Dict[str, Any]:
+        """The settings clients may see (no key)."""
+        info = asdict(self)
+        info.pop("api_key")
+        info["auth"] = self.api_key is not None
+        return info
