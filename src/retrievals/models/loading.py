@@ -77,6 +77,10 @@ def load_backbone(path: str, is_local: bool, trust_remote_code: bool, kwargs: Di
         model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, **model_kwargs)
     except OSError as e:
         raise OSError(f"Could not load model {path!r}: {e}") from e
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise OSError(f"Could not load model {path!r}: corrupt or truncated safetensors file ({e})") from e
     if kwargs.get("gguf_file"):
         _forget_gguf_quantization(model)
     return model, tokenizer

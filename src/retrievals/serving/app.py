@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from typing import Any, Dict, List, Optional
@@ -32,7 +33,6 @@ from .protocol import (
     APIError,
     check_token_limits,
     embedding_response,
-    error_body,
     model_card,
     parse_embedding_request,
     parse_json_body,
@@ -55,6 +55,9 @@ def create_app(model: AutoModelForEmbedding, config: Optional[ServerConfig] = No
         setattr(config, name, value)
     max_length = max(model.embedding_config.max_length_for(True), model.embedding_config.max_length_for(False))
     config.check(max_length)
+    if not config.served_model_name:
+        source = getattr(model.model.config, "_name_or_path", "") or "model"
+        config.served_model_name = os.path.basename(os.path.normpath(source))
     state = _ServerState(model, config)
 
     @asynccontextmanager

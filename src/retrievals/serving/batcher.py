@@ -162,7 +162,7 @@ class DynamicBatcher:
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
 
     def _full(self) -> bool:

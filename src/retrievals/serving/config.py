@@ -17,7 +17,7 @@ class ServerConfig:
     same. A request that does not fit gets 429 at once, with ``Retry-After``.
     """
 
-    served_model_name: str = "model"
+    served_model_name: Optional[str] = None   # default: the model folder's name
     api_key: Optional[str] = None
     max_client_batch_size: int = 256          # inputs per request
     max_input_chars: Optional[int] = None      # per input; default 16 x the model's max length

@@ -6,12 +6,16 @@
 
 from __future__ import annotations
 
+import logging
+import signal
 import socket
 import threading
 import time
 from typing import Optional
 
 import uvicorn
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["bind_socket", "serve", "BackgroundServer"]
 
@@ -41,9 +45,22 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info
     """Serve ``app`` until interrupted. Binding happens before anything else starts."""
     sock = sock or bind_socket(host, port)
     server = uvicorn.Server(_uvicorn_config(app, log_level, graceful_timeout))
-    server.run(sockets=[sock])
+    # uvicorn finishes in-flight requests on SIGINT/SIGTERM, then re-raises the signal to the handler
+    # it found; with this one in place, a graceful stop returns normally (exit status 0).
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if not server.started:
         raise RuntimeError("server failed to start (see the log above)")
+
+
+def _stopped(signum, frame) -> None:
+    logger.info("stopped by signal %d", signum)
 
 
 class BackgroundServer:
@@ -71,7 +88,7 @@ class BackgroundServer:
         self.sock.close()
 
     def __enter__(self) -> BackgroundServer:
-        return self.start()
+        return self if self.thread.is_alive() else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -1,0 +1,69 @@
+"""Serve a saved model over HTTP (OpenAI-compatible embeddings, dynamic batching, limits, metrics).
+
+    retrievals serve MODEL_DIR [--port 8000] [--api_key KEY] [--max_batch_tokens 16384] ...
+    python -m retrievals.pipelines.serve MODEL_DIR ...
+
+The model's pooling, normalisation, instructions and max lengths come from its saved config.
+Binds 127.0.0.1 unless ``--host`` says otherwise. The API key may also come from the
+``RETRIEVALS_API_KEY`` environment variable (keeps it out of ``ps``). Server limits are the fields
+of :class:`retrievals.serving.ServerConfig`, one flag each.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from ..models.embedding_model import AutoModelForEmbedding
+from .cli import run_cli
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeArguments:
+    model_name_or_path: str = field(metadata={"help": "Model directory saved by retrievals (or sentence-transformers)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "Interface to bind (0.0.0.0 exposes it to the network)"})
+    port: int = field(default=8000)
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 where fast), fp32, bf16 or fp16"})
+    device: Optional[str] = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: CUDA if available)"})
+    allow_pickle: bool = field(default=False, metadata={"help": "Allow pickle (*.bin) weights; they can run code"})
+    log_level: str = field(default="info")
+
+
+def run_serve(args: ServeArguments, config) -> None:
+    """Bind the port (fail fast if taken), load the model fully, then serve until interrupted."""
+    from ..serving import bind_socket, create_app, serve
+
+    config.api_key = config.api_key or os.environ.get("RETRIEVALS_API_KEY") or None
+    sock = bind_socket(args.host, args.port)
+    try:
+        kwargs = {"use_safetensors": False} if args.allow_pickle else {}
+        model = AutoModelForEmbedding.from_pretrained(args.model_name_or_path, precision=args.precision,
+                                                      device=args.device, **kwargs)
+        model.eval()
+        if not config.served_model_name:
+            config.served_model_name = os.path.basename(os.path.normpath(args.model_name_or_path))
+        app = create_app(model, config)
+    except BaseException:
+        sock.close()
+        raise
+    if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
+        logger.warning("serving on %s without an API key: anyone who can reach the port can use it", args.host)
+    serve(app, sock=sock, log_level=args.log_level)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from ..serving import ServerConfig
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):  # `serve MODEL_DIR ...`
+        argv = ["--model_name_or_path", *argv]
+    return run_cli([ServeArguments, ServerConfig], run_serve, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
