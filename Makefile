@@ -10,7 +10,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo eval test test-fast lint bench clean
+.PHONY: venv demo eval test test-fast lint bench bench-serve clean
 
 venv: $(VENV)/.installed
 
@@ -42,6 +42,9 @@ lint: venv
 
 bench: venv
 	$(PY) benchmarks/encode.py --data_dir $(DATA_DIR)/scifact
+
+bench-serve: venv
+	$(PY) benchmarks/serve.py --data_dir $(DATA_DIR)/scifact
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -73,6 +73,11 @@ def test_openai_client_float_and_base64_match_encode(server, model):
     assert expected_tokens != sum(len(t) for t in TEXTS)  # tokens, not characters
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
+    card = httpx.get(server.url + "/v1/models").json()["data"][0]
+    assert (card["dimension"], card["max_input_length"], card["max_client_batch_size"]) == (32, 32, 32)
+    assert card["auto_truncate"] is True and card["max_batch_tokens"] == 16384
+    info = httpx.get(server.url + "/info").json()
+    assert info["pooling_method"] == "mean" and info["query_instruction"] == "query: "
 
 
 def test_base64_is_bit_identical_to_float(server):

@@ -17,22 +17,25 @@ class ServerConfig:
     same. A request that does not fit gets 429 at once, with ``Retry-After``.
     """
 
-    served_model_name: Optional[str] = None   # default: the model folder's name
-    api_key: Optional[str] = None
-    max_client_batch_size: int = 256          # inputs per request
-    max_input_chars: Optional[int] = None      # per input; default 16 x the model's max length
-    max_request_tokens: Optional[int] = None   # per request, after truncation; default unlimited
-    max_body_bytes: int = 8 * 1024 * 1024
-    auto_truncate: bool = True                 # default of the request's `truncate` field
-    max_batch_tokens: int = 16384              # tokens per model batch (the batcher's budget)
-    max_batch_size: int = 128                  # texts per model batch
-    max_wait_ms: float = 2.0                   # how long the first text of a batch waits for company
-    batching: bool = True                      # False: one model call per request, as it comes
-    max_queue_items: int = 1024                # capacity in texts (waiting + running)
-    request_timeout: float = 60.0              # seconds until an admitted request gets 503
-    health_timeout: float = 10.0
-    retry_after: int = 1                       # seconds, sent with 429
-    cors_origins: List[str] = field(default_factory=list)
+    served_model_name: Optional[str] = field(default=None, metadata={
+        "help": "Name clients send as `model` (default: the model folder's name); other names get 404"})
+    api_key: Optional[str] = field(default=None, metadata={
+        "help": "Require Authorization: Bearer <key> on every route but /health (or set RETRIEVALS_API_KEY)"})
+    max_client_batch_size: int = field(default=256, metadata={"help": "Inputs per request (more: 422)"})
+    max_input_chars: Optional[int] = field(default=None, metadata={
+        "help": "Characters per input, checked before tokenizing (default: 16 x the model's max length)"})
+    max_request_tokens: Optional[int] = field(default=None, metadata={"help": "Tokens per request (default: no cap)"})
+    max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": "Request body size (more: 413)"})
+    auto_truncate: bool = field(default=True, metadata={"help": "Default `truncate` (False: 422 for long texts)"})
+    max_batch_tokens: int = field(default=16384, metadata={"help": "Tokens per model batch (the batcher's budget)"})
+    max_batch_size: int = field(default=128, metadata={"help": "Texts per model batch"})
+    max_wait_ms: float = field(default=2.0, metadata={"help": "How long the oldest queued text waits for company"})
+    batching: bool = field(default=True, metadata={"help": "False (--no_batching): one model call per request"})
+    max_queue_items: int = field(default=1024, metadata={"help": "Capacity in texts, waiting + running (beyond: 429)"})
+    request_timeout: float = field(default=60.0, metadata={"help": "Seconds until an admitted request gets 503"})
+    health_timeout: float = field(default=10.0, metadata={"help": "Seconds /health waits for the model"})
+    retry_after: int = field(default=1, metadata={"help": "Retry-After seconds sent with 429"})
+    cors_origins: List[str] = field(default_factory=list, metadata={"help": "Origins allowed by CORS (off by default)"})
 
     def check(self, max_input_length: int) -> None:
         """Raise ``ValueError`` for settings that could never serve a valid request."""
