@@ -57,6 +57,7 @@ class DataArguments:
 class EmbedTrainingArguments(TrainingArguments):
     loss_fn: str = field(default="infonce", metadata={"help": "Loss name (see retrievals.losses.LOSSES)"})
     temperature: float = field(default=0.05)
+    teacher_temperature: float = field(default=1.0, metadata={"help": "Teacher score temperature for listwise_kl"})
     use_inbatch_negative: bool = field(default=True)
     negatives_cross_device: bool = field(default=False, metadata={"help": "Gather documents from all ranks"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir"})

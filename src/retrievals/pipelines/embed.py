@@ -54,8 +54,10 @@ def build_loss(args: EmbedTrainingArguments):
         kwargs = {"temperature": args.temperature, "negatives_cross_device": args.negatives_cross_device}
         if name == "infonce":
             kwargs["use_inbatch_negative"] = args.use_inbatch_negative
-    elif name in ("logistic", "listwise_kl"):
+    elif name == "logistic":
         kwargs = {"temperature": args.temperature}
+    elif name == "listwise_kl":
+        kwargs = {"temperature": args.temperature, "teacher_temperature": args.teacher_temperature}
     return get_loss(name, **kwargs)
 
 

@@ -69,11 +69,24 @@ class RetrievalTrainer(Trainer):
         return optimizer
 
     def compute_loss(self, model, inputs: Dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
-        embeddings = {side: model(**inputs[side]) for side in SIDES if side in inputs}
-        if "positive" not in embeddings and isinstance(self.loss_fn, SimCSE):
-            embeddings["positive"] = model(**inputs["query"])  # second dropout view
-        extras = {k: inputs[k] for k in LOSS_EXTRAS if k in inputs}
-        loss = self.loss_fn(**embeddings, **extras)
+        """Embed each side and call ``loss_fn(query=, positive=, negative=, **extras)``.
+
+        Two kinds of loss get something else: a loss with ``takes_model_inputs = True`` (the cached,
+        gradient-cache losses) is called as ``loss_fn(model, inputs)`` and embeds in chunks itself;
+        a model with ``returns_token_embeddings = True`` (multi-vector) passes each side's attention
+        mask to the loss as ``query_mask`` / ``positive_mask`` / ``negative_mask``.
+        """
+        if getattr(self.loss_fn, "takes_model_inputs", False):
+            embeddings: Dict[str, Any] = {}
+            loss = self.loss_fn(model, inputs)
+        else:
+            embeddings = {side: model(**inputs[side]) for side in SIDES if side in inputs}
+            if "positive" not in embeddings and isinstance(self.loss_fn, SimCSE):
+                embeddings["positive"] = model(**inputs["query"])  # second dropout view
+            extras = {k: inputs[k] for k in LOSS_EXTRAS if k in inputs}
+            if getattr(self.accelerator.unwrap_model(model), "returns_token_embeddings", False):
+                extras.update({f"{side}_mask": inputs[side]["attention_mask"] for side in SIDES if side in inputs})
+            loss = self.loss_fn(**embeddings, **extras)
         if not torch.isfinite(loss).all():
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {self.state.global_step}; stopping before any further checkpoint "
