@@ -27,7 +27,8 @@ def scifact_train_rows(data_dir: str):
 
 def train_scifact(model_path: str, data_dir: str, output_dir: str, epochs: float = 3, batch_size: int = 32,
                   lr: float = 3e-5, temperature: float = 0.05, max_steps: int = -1, bf16: bool = True,
-                  evaluate: bool = True) -> dict:
+                  evaluate: bool = True, loss_fn=None) -> dict:
+    """Fine-tune and (optionally) evaluate before/after; ``loss_fn`` defaults to in-batch InfoNCE."""
     model = AutoModelForEmbedding.from_pretrained(model_path, pooling_method="mean", max_length=256)
     test = load_beir(data_dir, split="test") if evaluate else None
     before = evaluate_retrieval(model, test).metrics if evaluate else {}
@@ -38,7 +39,7 @@ def train_scifact(model_path: str, data_dir: str, output_dir: str, epochs: float
     trainer = RetrievalTrainer(model=model, args=args, train_dataset=RetrievalDataset(scifact_train_rows(data_dir)),
                                data_collator=RetrievalCollator(model.tokenizer, query_max_length=64,
                                                                document_max_length=256),
-                               loss_fn=InfoNCE(temperature=temperature, use_inbatch_negative=True))
+                               loss_fn=loss_fn or InfoNCE(temperature=temperature, use_inbatch_negative=True))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

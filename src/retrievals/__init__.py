@@ -9,13 +9,13 @@ from .data.collators import (
     TripletCollator,
 )
 from .data.datasets import ListwiseDataset, PointwiseDataset, RetrievalDataset, ScoredPairDataset
-from .models import AutoModelForEmbedding, EmbeddingConfig, Pooling, similarity
+from .models import AutoModelForEmbedding, CrossEncoder, EmbeddingConfig, MultiVectorModel, Pooling, similarity
 from .trainer import RetrievalTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoModelForEmbedding", "EmbeddingConfig", "Pooling", "similarity", "RetrievalTrainer",
+    "AutoModelForEmbedding", "CrossEncoder", "MultiVectorModel", "EmbeddingConfig", "Pooling", "similarity", "RetrievalTrainer",
     "PairCollator", "TripletCollator", "RetrievalCollator", "ScoredPairCollator", "PointwiseCollator",
     "ListwiseCollator", "RetrievalDataset", "ScoredPairDataset", "PointwiseDataset", "ListwiseDataset",
     "__version__",

@@ -101,12 +101,33 @@ class TripletCollator(_BaseCollator):
 
 @dataclass
 class RetrievalCollator(_BaseCollator):
-    """For ``RetrievalDataset`` items: pairs when they carry no negatives, triplets otherwise."""
+    """For ``RetrievalDataset`` items: pairs when they carry no negatives, triplets otherwise.
+
+    Items with ``"teacher_scores"`` (positive first, then one per negative) add a float
+    ``"teacher_scores"`` tensor ``[B, 1 + n]`` for the distillation losses.
+    """
 
     def __call__(self, features: List[Dict[str, Any]]) -> Dict[str, Any]:
         if features and features[0].get("negative"):
-            return self.triplet_batch(features)
-        return self.pair_batch(features)
+            batch = self.triplet_batch(features)
+        else:
+            batch = self.pair_batch(features)
+        if features and "teacher_scores" in features[0]:
+            batch["teacher_scores"] = _teacher_scores(features)
+        return batch
+
+
+def _teacher_scores(features: List[Dict[str, Any]]) -> torch.Tensor:
+    rows = []
+    for i, f in enumerate(features):
+        negatives = f.get("negative") or []
+        size = 1 + (len(negatives) if isinstance(negatives, (list, tuple)) else 1)
+        scores = f.get("teacher_scores")
+        if scores is None or len(scores) != size:
+            got = None if scores is None else len(scores)
+            raise ValueError(f"item {i} of the batch needs {size} teacher_scores (positive + negatives), got {got}")
+        rows.append([float(x) for x in scores])
+    return torch.tensor(rows, dtype=torch.float)
 
 
 @dataclass

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import random
 from typing import Any, Callable, Dict, List, Optional
 
@@ -39,20 +41,50 @@ def load_validated(source: Any, parse: Callable[[Dict[str, Any], str], Dict[str,
     return rows
 
 
+def score_list_field(record: Dict[str, Any], key: str, origin: str, texts: List[str], texts_key: str) -> List[float]:
+    """A list of finite numbers, one per text of ``texts_key`` (a JSON-encoded list in a CSV cell too)."""
+    if key not in record or record[key] is None:
+        raise InvalidRecord(f"{origin}: missing field {key!r} (teacher scores for the {len(texts)} texts "
+                            f"of {texts_key!r})")
+    value = record[key]
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(value, list):
+        raise InvalidRecord(f"{origin}: field {key!r} must be a list of numbers, got {type(value).__name__}")
+    if len(value) != len(texts):
+        raise InvalidRecord(f"{origin}: field {key!r} has {len(value)} scores but {texts_key!r} has "
+                            f"{len(texts)} texts")
+    scores = []
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
+            raise InvalidRecord(f"{origin}: field {key!r}[{i}] must be a finite number, got {item!r}")
+        scores.append(float(item))
+    return scores
+
+
 class RetrievalDataset(Dataset):
     """``{"query", "positive", "negative": [...]}`` items; ``negative`` is empty for pair data.
 
     ``train_group_size`` = 1 positive + (n - 1) negatives per item. Negatives are sampled without
     replacement, with replacement only when a record has too few (reported once).
     Sampling is seeded by ``(seed, index, epoch)``: set ``dataset.epoch`` to vary it per epoch.
+
+    ``with_teacher_scores=True`` (distillation) requires ``pos_scores_key`` / ``neg_scores_key`` lists
+    aligned with the positive / negative texts in every record, and adds ``"teacher_scores"`` to each
+    item: the chosen positive's score first, then the sampled negatives' scores in the same order.
     """
 
     def __init__(self, source: Any, query_key: str = "query", positive_key: str = "positive",
                  negative_key: str = "negative", train_group_size: int = 1, skip_invalid: bool = False,
-                 seed: int = 42, query_instruction_key: Optional[str] = None) -> None:
+                 seed: int = 42, query_instruction_key: Optional[str] = None, with_teacher_scores: bool = False,
+                 pos_scores_key: str = "pos_scores", neg_scores_key: str = "neg_scores") -> None:
         if train_group_size < 1:
             raise ValueError(f"train_group_size must be >= 1, got {train_group_size}")
         self.keys = (query_key, positive_key, negative_key)
+        self.score_keys = (pos_scores_key, neg_scores_key) if with_teacher_scores else None
         self.train_group_size = train_group_size
         self.seed, self.epoch = seed, 0
         self.rows = load_validated(source, self._parse, skip_invalid)
@@ -72,6 +104,11 @@ class RetrievalDataset(Dataset):
         if self.train_group_size > 1 and not row["negative"]:
             raise InvalidRecord(f"{origin}: field {n!r} is missing or empty but train_group_size="
                                 f"{self.train_group_size} needs negatives")
+        if self.score_keys:
+            ps, ns = self.score_keys
+            row["pos_scores"] = score_list_field(record, ps, origin, row["positive"], p)
+            needs_neg = bool(row["negative"]) and self.train_group_size > 1
+            row["neg_scores"] = score_list_field(record, ns, origin, row["negative"], n) if needs_neg else []
         return row
 
     def __len__(self) -> int:
@@ -82,13 +119,18 @@ class RetrievalDataset(Dataset):
         rng = random.Random(hash((self.seed, index, self.epoch)))
         need = self.train_group_size - 1
         negatives = row["negative"]
+        # Sample indices (the same random draws as sampling the texts) so scores stay aligned.
         if need == 0 or not negatives:
-            sampled: List[str] = []
+            chosen: List[int] = []
         elif len(negatives) >= need:
-            sampled = rng.sample(negatives, need)
+            chosen = rng.sample(range(len(negatives)), need)
         else:
-            sampled = [rng.choice(negatives) for _ in range(need)]
-        return {"query": row["query"], "positive": rng.choice(row["positive"]), "negative": sampled}
+            chosen = [rng.choice(range(len(negatives))) for _ in range(need)]
+        positive = rng.choice(range(len(row["positive"])))
+        item = {"query": row["query"], "positive": row["positive"][positive], "negative": [negatives[i] for i in chosen]}
+        if self.score_keys:
+            item["teacher_scores"] = [row["pos_scores"][positive]] + [row["neg_scores"][i] for i in chosen]
+        return item
 
 
 class ScoredPairDataset(Dataset):

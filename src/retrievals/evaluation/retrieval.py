@@ -28,9 +28,11 @@ def evaluate_retrieval(
     batch_size: int = 32,
     metrics: Sequence[str] = ("ndcg@10", "mrr@10", "recall@100", "map@100"),
     corpus_embeddings: Optional[Any] = None,
+    query_embeddings: Optional[Any] = None,
     **encode_kwargs: Any,
 ) -> RetrievalResult:
-    """Encode queries and corpus, search exactly, and score the run against ``data.qrels``."""
+    """Encode queries and corpus (unless given, in ``data`` order), search exactly, and score the
+    run against ``data.qrels``."""
     seconds: Dict[str, float] = {}
     doc_ids: List[str] = data.corpus_ids()
     t0 = time.perf_counter()
@@ -40,8 +42,9 @@ def evaluate_retrieval(
     seconds["encode_corpus"] = time.perf_counter() - t0
     query_ids = list(data.queries)
     t0 = time.perf_counter()
-    query_embeddings = model.encode_queries([data.queries[q] for q in query_ids], batch_size=batch_size,
-                                            convert_to_tensor=True, **encode_kwargs)
+    if query_embeddings is None:
+        query_embeddings = model.encode_queries([data.queries[q] for q in query_ids], batch_size=batch_size,
+                                                convert_to_tensor=True, **encode_kwargs)
     seconds["encode_queries"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     scores, indices = exact_search(query_embeddings, corpus_embeddings, top_k=top_k)
@@ -51,3 +54,29 @@ def evaluate_retrieval(
         for row, qid in enumerate(query_ids)
     }
     return RetrievalResult(metrics=evaluate_run(run, data.qrels, list(metrics)), run=run, seconds=seconds)
+
+
+def evaluate_dims(
+    model,
+    data: BeirDataset,
+    dims: Sequence[int],
+    top_k: int = 100,
+    batch_size: int = 32,
+    metrics: Sequence[str] = ("ndcg@10", "mrr@10", "recall@100", "map@100"),
+    **encode_kwargs: Any,
+) -> Dict[int, Dict[str, float]]:
+    """Metrics at each embedding size in ``dims`` (Matryoshka): one full-size encode, then each
+    prefix is cut and re-normalised (as ``encode(truncate_dim=d)`` would) and searched."""
+    full = model.model.config.hidden_size
+    corpus = model.encode_corpus(data.corpus_texts(), batch_size=batch_size, convert_to_tensor=True,
+                                 truncate_dim=full, normalize_embeddings=False, **encode_kwargs)
+    queries = model.encode_queries([data.queries[q] for q in data.queries], batch_size=batch_size,
+                                   convert_to_tensor=True, truncate_dim=full, normalize_embeddings=False,
+                                   **encode_kwargs)
+    results: Dict[int, Dict[str, float]] = {}
+    for dim in dims:
+        result = evaluate_retrieval(model, data, top_k=top_k, metrics=metrics,
+                                    corpus_embeddings=model.finalize_embeddings(corpus, None, dim),
+                                    query_embeddings=model.finalize_embeddings(queries, None, dim))
+        results[int(dim)] = result.metrics
+    return results

@@ -5,9 +5,13 @@ from typing import Any, Dict, Type
 from torch import nn
 
 from .arcface import ArcFaceAdaptiveMarginLoss
+from .cached import CachedLoss
 from .cosent import CircleLoss, CoSENT
 from .distillation import ListwiseKLLoss, MarginMSELoss
 from .infonce import InfoNCE
+from .matryoshka import MatryoshkaLoss
+from .maxsim import MaxSimLoss
+from .memory_bank import CrossBatchMemory
 from .simcse import SimCSE
 from .triplet import PairwiseHingeLoss, PairwiseLogisticLoss, TripletLoss
 from .utils import gather_with_grad
@@ -23,6 +27,7 @@ LOSSES: Dict[str, Type[nn.Module]] = {
     "arcface": ArcFaceAdaptiveMarginLoss,
     "listwise_kl": ListwiseKLLoss,
     "margin_mse": MarginMSELoss,
+    "maxsim": MaxSimLoss,
 }
 
 
@@ -37,4 +42,5 @@ def get_loss(name: str, **kwargs: Any) -> nn.Module:
 __all__ = [
     "LOSSES", "get_loss", "gather_with_grad", "InfoNCE", "SimCSE", "TripletLoss", "PairwiseHingeLoss",
     "PairwiseLogisticLoss", "CoSENT", "CircleLoss", "ArcFaceAdaptiveMarginLoss", "ListwiseKLLoss", "MarginMSELoss",
+    "MatryoshkaLoss", "CachedLoss", "CrossBatchMemory", "MaxSimLoss",
 ]

@@ -23,9 +23,11 @@ class InfoNCE(nn.Module):
         symmetric: add the document -> query direction (positives against all queries).
 
     Shapes: ``query`` and ``positive`` ``[B, D]``; ``negative`` ``[B, n, D]`` or ``[B*n, D]``
-    (optional); ``positive_ids`` ``[B]`` and ``negative_ids`` ``[B*n]`` (optional) identify texts:
-    an in-batch candidate with the same id as a query's positive is masked out (not punished),
-    since it is the same text. Scores are dot products: pass normalised embeddings for cosine.
+    (optional); ``extra_negatives`` ``[M, D]`` (optional, e.g. a memory bank) are candidates for
+    every query, after the (gathered) batch, with optional ``extra_negative_ids`` ``[M]``;
+    ``positive_ids`` ``[B]`` and ``negative_ids`` ``[B*n]`` (optional) identify texts: an in-batch
+    candidate with the same id as a query's positive is masked out (not punished), since it is the
+    same text. Scores are dot products: pass normalised embeddings for cosine.
     Returns a scalar.
     """
 
@@ -53,13 +55,24 @@ class InfoNCE(nn.Module):
         negative: Optional[torch.Tensor] = None,
         positive_ids: Optional[torch.Tensor] = None,
         negative_ids: Optional[torch.Tensor] = None,
+        extra_negatives: Optional[torch.Tensor] = None,
+        extra_negative_ids: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> torch.Tensor:
         check_pair(query, positive)
         negative = flatten_negatives(negative, query.shape[0])
         if not self.use_inbatch_negative:
+            if extra_negatives is not None:
+                raise ValueError("extra_negatives need use_inbatch_negative=True")
             return self._own_candidates_loss(query, positive, negative, positive_ids, negative_ids)
         docs, doc_ids, offset = self._candidates(positive, negative, positive_ids, negative_ids)
+        if extra_negatives is not None:
+            docs = torch.cat([docs, extra_negatives.to(docs.dtype)], dim=0)
+            if doc_ids is not None:
+                if extra_negative_ids is None:  # -1 never equals a text id
+                    extra_negative_ids = torch.full((extra_negatives.shape[0],), -1, dtype=doc_ids.dtype,
+                                                    device=doc_ids.device)
+                doc_ids = torch.cat([doc_ids, extra_negative_ids])
         labels = torch.arange(query.shape[0], device=query.device) + offset
         scores = query @ docs.T / self.temperature
         scores = _mask_duplicates(scores, labels, positive_ids, doc_ids)

@@ -7,6 +7,9 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+SIDES = ("query", "positive", "negative")  # the embedding arguments of every loss
+LOSS_EXTRAS = ("labels", "teacher_scores", "positive_ids", "negative_ids")  # batch fields passed through
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -58,6 +58,7 @@ class AutoModelForEmbedding(nn.Module):
         precision: Optional[str] = None,
         device: Optional[Union[str, torch.device]] = None,
         trust_remote_code: bool = False,
+        quantization: Optional[str] = None,
         **kwargs: Any,
     ) -> AutoModelForEmbedding:
         """Load a model; arguments left as ``None`` come from the saved config, then defaults.
@@ -65,8 +66,13 @@ class AutoModelForEmbedding(nn.Module):
         Extra keyword arguments (``gguf_file=``, ``torch_dtype=``, ``revision=`` ...) go to
         ``transformers``. ``precision`` is ``auto`` (bf16 where the hardware is fast at it),
         ``fp32``, ``bf16`` or ``fp16``; ``use_fp16=True`` / ``use_bf16=`` are shorthands.
+        ``quantization`` is ``int8`` (dynamic int8 Linear layers, CPU inference only), ``bnb-8bit`` or
+        ``bnb-4bit`` (bitsandbytes, CUDA only); see :mod:`retrievals.models.quantization`.
         """
+        from .quantization import prepare_quantization, quantize_int8
+
         path, is_local = resolve_source(str(model_name_or_path), kwargs)
+        quantization = prepare_quantization(quantization, kwargs, device)
         saved = load_saved_settings(path) if is_local else {}
         backbone, tokenizer = load_backbone(path, is_local, trust_remote_code, kwargs)
         embeddings = backbone.get_input_embeddings()
@@ -88,7 +94,11 @@ class AutoModelForEmbedding(nn.Module):
         tokenizer.padding_side = config.padding_side
         chosen = precision or ("fp16" if use_fp16 else {True: "bf16", False: "fp32", None: "auto"}[use_bf16])
         model = cls(backbone, tokenizer, config, precision=chosen)
-        model.to_device(device)
+        if quantization is None or quantization == "int8":
+            model.to_device("cpu" if quantization == "int8" else device)
+        if quantization == "int8":
+            quantize_int8(model)
+        model.quantization = quantization  # bitsandbytes weights stay where device_map put them
         return model
 
     def to_device(self, device: Optional[Union[str, torch.device]] = None) -> AutoModelForEmbedding:
@@ -284,7 +294,9 @@ class AutoModelForEmbedding(nn.Module):
         adapter and the config.
         """
         from .lora import is_peft_model, merged_copy, save_adapter
+        from .quantization import check_can_save
 
+        check_can_save(self)
         save_directory = str(save_directory)
         os.makedirs(save_directory, exist_ok=True)
         kwargs.setdefault("safe_serialization", True)

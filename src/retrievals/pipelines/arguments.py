@@ -27,6 +27,8 @@ class ModelArguments:
     document_instruction: Optional[str] = field(default=None, metadata={"help": "Prefix for documents"})
     query_max_length: int = field(default=64, metadata={"help": "Query tokens (instruction included)"})
     document_max_length: int = field(default=512, metadata={"help": "Document tokens (instruction included)"})
+    truncate_dim: Optional[int] = field(default=None, metadata={
+        "help": "Default embedding size saved with the model (Matryoshka: encode and serve this prefix)"})
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights (peft)"})
     lora_rank: int = field(default=8)
     lora_alpha: int = field(default=16)
@@ -34,6 +36,17 @@ class ModelArguments:
     lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma list or all-linear"})
     merge_lora: bool = field(default=True, metadata={"help": "Save the final model with adapters merged"})
     trust_remote_code: bool = field(default=False)
+    multi_vector_dim: Optional[int] = field(default=None, metadata={
+        "help": "Multi-vector (ColBERT-style) model: project every token to this size (e.g. 128); train with "
+                "--loss_fn maxsim; --do_eval then re-ranks the dense top-100 by maxsim"})
+    quantization: Optional[str] = field(default=None, metadata={
+        "help": "Weight quantisation for inference: int8 (dynamic, CPU), bnb-8bit or bnb-4bit (bitsandbytes, CUDA); "
+                "int8 cannot train, bnb needs --use_lora to train"})
+    embedding_quantization: Optional[str] = field(default=None, metadata={
+        "help": "--do_eval searches int8 or binary corpus embeddings, then rescores the candidates"})
+    rescore_multiplier: int = field(default=4, metadata={"help": "Candidates per query = 100 x this (rescoring)"})
+    rescore_with_float: bool = field(default=False, metadata={
+        "help": "Rescore with the float corpus embeddings instead of the quantised ones"})
 
     def __post_init__(self) -> None:
         self.query_instruction = unescape(self.query_instruction)
@@ -51,6 +64,10 @@ class DataArguments:
     skip_invalid: bool = field(default=False, metadata={"help": "Skip (and count) invalid records instead of failing"})
     eval_data_dir: Optional[str] = field(default=None, metadata={"help": "BEIR-layout folder for --do_eval/--do_encode"})
     eval_split: str = field(default="test")
+    pos_scores_key: str = field(default="pos_scores", metadata={
+        "help": "Teacher scores of the positives (list aligned with --positive_key) for --loss_fn listwise_kl/margin_mse"})
+    neg_scores_key: str = field(default="neg_scores", metadata={
+        "help": "Teacher scores of the negatives (list aligned with --negative_key) for --loss_fn listwise_kl/margin_mse"})
 
 
 @dataclass
@@ -62,6 +79,15 @@ class EmbedTrainingArguments(TrainingArguments):
     negatives_cross_device: bool = field(default=False, metadata={"help": "Gather documents from all ranks"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir"})
     do_encode: bool = field(default=False, metadata={"help": "Write corpus embeddings and ids of --eval_data_dir"})
+    matryoshka_dims: Optional[str] = field(default=None, metadata={
+        "help": "Train nested sizes, e.g. 384,256,128,64 (the loss is applied to each prefix, re-normalised)"})
+    matryoshka_weights: Optional[str] = field(default=None, metadata={"help": "Weights of --matryoshka_dims (default 1 each)"})
+    cached_mini_batch_size: int = field(default=0, metadata={
+        "help": "Gradient cache: embed the batch in chunks of this size (0: off); same gradients, less memory"})
+    memory_bank_size: int = field(default=0, metadata={
+        "help": "Cross-batch negatives: keep this many recent documents as extra negatives (0: off; infonce only)"})
+    eval_dims: Optional[str] = field(default=None, metadata={
+        "help": "--do_eval also at these embedding sizes, e.g. 384,256,128,64 (nDCG@10 per size)"})
 
     def __post_init__(self) -> None:
         if self.fp16 and not torch.cuda.is_available():

@@ -5,6 +5,12 @@
         --range_for_sampling 2-200 --negative_number 15 [--candidate_pool corpus.jsonl]
 
 ``--candidate_pool`` is a JSONL file of ``{"text": ...}`` records (a ``title`` is prepended when present).
+
+``--teacher_model_name_or_path TEACHER`` then scores every positive and negative with a teacher (a
+bi-encoder saved by this package, or a ``...ForSequenceClassification`` cross-encoder) and writes
+``pos_scores`` / ``neg_scores`` lists aligned with ``positive`` / ``negative`` (FlagEmbedding's format),
+the input of ``embed --loss_fn listwise_kl`` / ``margin_mse``. ``--score_only`` scores the input
+file's own negatives without mining (no ``--model_name_or_path`` needed).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import List, Optional
 from ..data.jsonl import iter_jsonl, require_str
 from ..data.records import text_field, text_list_field
 from ..mining.hard_negatives import mine_hard_negatives, parse_range
+from ..mining.teacher import load_teacher, score_records
 from ..models.embedding_model import AutoModelForEmbedding
 from .arguments import unescape
 from .cli import run_cli
@@ -27,9 +34,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class BuildHNArguments:
-    model_name_or_path: str = field(metadata={"help": "Embedding model (its saved pooling/instructions are used)"})
     input_file: str = field(metadata={"help": "JSONL with query and positive (and optionally negative)"})
     output_file: str = field(metadata={"help": "Where to write the records with mined negatives"})
+    model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "Embedding model that mines (its saved pooling/instructions are used); not needed with --score_only"})
     query_key: str = field(default="query")
     positive_key: str = field(default="positive")
     negative_key: str = field(default="negative")
@@ -40,6 +48,22 @@ class BuildHNArguments:
     document_instruction: Optional[str] = field(default=None)
     batch_size: int = field(default=64)
     seed: int = field(default=42)
+    teacher_model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "Teacher that scores positives and negatives into pos_scores/neg_scores: a bi-encoder or a "
+                "...ForSequenceClassification cross-encoder"})
+    teacher_batch_size: int = field(default=32, metadata={"help": "Batch size of the teacher"})
+    teacher_max_length: Optional[int] = field(default=None, metadata={
+        "help": "Teacher max tokens (cross-encoder: per pair, default 512; bi-encoder: per document, default saved)"})
+    pos_scores_key: str = field(default="pos_scores", metadata={"help": "Output field of the positives' teacher scores"})
+    neg_scores_key: str = field(default="neg_scores", metadata={"help": "Output field of the negatives' teacher scores"})
+    score_only: bool = field(default=False, metadata={
+        "help": "Do not mine: only score the input file's positives and negatives with the teacher"})
+
+    def __post_init__(self) -> None:
+        if self.score_only and not self.teacher_model_name_or_path:
+            raise ValueError("--score_only needs --teacher_model_name_or_path")
+        if not self.score_only and not self.model_name_or_path:
+            raise ValueError("--model_name_or_path is required (the model that mines negatives) unless --score_only")
 
 
 def read_input(args: BuildHNArguments) -> List[dict]:
@@ -64,21 +88,33 @@ def read_pool(path: str) -> List[str]:
     return texts
 
 
-def run_build_hn(args: BuildHNArguments) -> List[dict]:
+def mine(args: BuildHNArguments, records: List[dict]) -> List[dict]:
     value_range = parse_range(args.range_for_sampling)
-    records = read_input(args)
     pool = read_pool(args.candidate_pool) if args.candidate_pool else None
     model = AutoModelForEmbedding.from_pretrained(args.model_name_or_path,
                                                   query_instruction=unescape(args.query_instruction),
                                                   document_instruction=unescape(args.document_instruction))
-    mined = mine_hard_negatives(model, records, pool, query_key=args.query_key, positive_key=args.positive_key,
-                                negative_key=args.negative_key, range_for_sampling=value_range,
-                                negative_number=args.negative_number, seed=args.seed, batch_size=args.batch_size)
+    return mine_hard_negatives(model, records, pool, query_key=args.query_key, positive_key=args.positive_key,
+                               negative_key=args.negative_key, range_for_sampling=value_range,
+                               negative_number=args.negative_number, seed=args.seed, batch_size=args.batch_size)
+
+
+def run_build_hn(args: BuildHNArguments) -> List[dict]:
+    """Mine (unless ``score_only``), score with the teacher (when given), write ``output_file``."""
+    if not args.score_only:
+        parse_range(args.range_for_sampling)  # fail on a bad flag before loading anything
+    records = read_input(args)
+    out = records if args.score_only else mine(args, records)
+    if args.teacher_model_name_or_path:
+        teacher = load_teacher(args.teacher_model_name_or_path, max_length=args.teacher_max_length)
+        out = score_records(teacher, out, query_key=args.query_key, positive_key=args.positive_key,
+                            negative_key=args.negative_key, pos_scores_key=args.pos_scores_key,
+                            neg_scores_key=args.neg_scores_key, batch_size=args.teacher_batch_size)
     with open(args.output_file, "w", encoding="utf-8") as f:
-        for record in mined:
+        for record in out:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    logger.info("Wrote %d records to %s", len(mined), args.output_file)
-    return mined
+    logger.info("Wrote %d records to %s", len(out), args.output_file)
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -20,12 +20,15 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..data.beir import load_beir
 from ..data.collators import RetrievalCollator, ScoredPairCollator
 from ..data.datasets import RetrievalDataset, ScoredPairDataset
-from ..evaluation.retrieval import evaluate_retrieval
-from ..losses import get_loss
+from ..evaluation.retrieval import evaluate_dims, evaluate_retrieval
+from ..losses import CachedLoss, CrossBatchMemory, MatryoshkaLoss, get_loss
+from ..losses.matryoshka import parse_dims
 from ..models.embedding_model import AutoModelForEmbedding
+from ..models.multi_vector import MultiVectorModel
 from ..trainer import RetrievalTrainer
 from .arguments import DataArguments, EmbedTrainingArguments, ModelArguments
 from .cli import run_cli
+from .multi_vector import evaluate_multi_vector, maxsim_loss_kwargs, restore_projection, wrap_multi_vector
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +40,12 @@ def load_model(model_args: ModelArguments) -> AutoModelForEmbedding:
         model_args.model_name_or_path, pooling_method=model_args.pooling_method,
         query_instruction=model_args.query_instruction, document_instruction=model_args.document_instruction,
         max_length=model_args.document_max_length, query_max_length=model_args.query_max_length,
-        trust_remote_code=model_args.trust_remote_code, device="cpu",
+        trust_remote_code=model_args.trust_remote_code, quantization=model_args.quantization,
+        device=None if str(model_args.quantization or "").lower().startswith("bnb") else "cpu",
     )
+    if model_args.use_lora and getattr(model, "quantization", None) == "int8":
+        raise ValueError("--quantization int8 is for inference only and cannot take --use_lora; "
+                         "on CUDA use --quantization bnb-4bit with --use_lora (QLoRA)")
     if model_args.use_lora:
         from ..models.lora import add_lora
 
@@ -48,6 +55,7 @@ def load_model(model_args: ModelArguments) -> AutoModelForEmbedding:
 
 
 def build_loss(args: EmbedTrainingArguments):
+    """The named loss, wrapped as the flags ask: memory bank, then Matryoshka, then gradient cache."""
     kwargs: Dict[str, Any] = {}
     name = args.loss_fn.lower()
     if name in ("infonce", "simcse"):
@@ -58,7 +66,18 @@ def build_loss(args: EmbedTrainingArguments):
         kwargs = {"temperature": args.temperature}
     elif name == "listwise_kl":
         kwargs = {"temperature": args.temperature, "teacher_temperature": args.teacher_temperature}
-    return get_loss(name, **kwargs)
+    kwargs.update(maxsim_loss_kwargs(args) if name == "maxsim" else {})
+    loss = get_loss(name, **kwargs)
+    if args.memory_bank_size:
+        if args.matryoshka_dims:
+            raise ValueError("--memory_bank_size and --matryoshka_dims cannot be combined (the bank holds one size)")
+        loss = CrossBatchMemory(loss, size=args.memory_bank_size)
+    if args.matryoshka_dims:
+        weights = [float(w) for w in args.matryoshka_weights.split(",")] if args.matryoshka_weights else None
+        loss = MatryoshkaLoss(loss, parse_dims(args.matryoshka_dims), weights=weights)
+    if args.cached_mini_batch_size:
+        loss = CachedLoss(loss, mini_batch_size=args.cached_mini_batch_size)
+    return loss
 
 
 def build_dataset(data_args: DataArguments, loss_name: str):
@@ -68,10 +87,14 @@ def build_dataset(data_args: DataArguments, loss_name: str):
         return ScoredPairDataset(data_args.data_name_or_path, query_key=data_args.query_key,
                                  document_key=data_args.positive_key, label_key=data_args.label_key,
                                  skip_invalid=data_args.skip_invalid), ScoredPairCollator
+    distill = loss_name.lower() in ("listwise_kl", "margin_mse")  # trained from teacher scores in the file
+    if distill and data_args.train_group_size < 2:
+        raise ValueError(f"--loss_fn {loss_name} compares a positive with negatives: set --train_group_size >= 2")
     return RetrievalDataset(data_args.data_name_or_path, query_key=data_args.query_key,
                             positive_key=data_args.positive_key, negative_key=data_args.negative_key,
-                            train_group_size=data_args.train_group_size, skip_invalid=data_args.skip_invalid), \
-        RetrievalCollator
+                            train_group_size=data_args.train_group_size, skip_invalid=data_args.skip_invalid,
+                            with_teacher_scores=distill, pos_scores_key=data_args.pos_scores_key,
+                            neg_scores_key=data_args.neg_scores_key), RetrievalCollator
 
 
 def check_output_dir(args: EmbedTrainingArguments) -> Optional[str]:
@@ -98,7 +121,9 @@ def train(model, model_args, data_args, args: EmbedTrainingArguments) -> Retriev
                             document_max_length=model_args.document_max_length)
     trainer = RetrievalTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                loss_fn=build_loss(args))
-    trainer.train(resume_from_checkpoint=check_output_dir(args))
+    checkpoint = check_output_dir(args)
+    restore_projection(model, checkpoint)  # multi-vector: the trainer restores only the backbone
+    trainer.train(resume_from_checkpoint=checkpoint)
     return trainer
 
 
@@ -126,6 +151,9 @@ def _leave_process_group() -> None:
 def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedTrainingArguments) -> Dict[str, Any]:
     """Train (``do_train``), save, encode (``do_encode``) and evaluate (``do_eval``); returns a summary."""
     model = load_model(model_args)
+    model = wrap_multi_vector(model, model_args, args)
+    if model_args.truncate_dim:
+        model.embedding_config.truncate_dim = model_args.truncate_dim
     result: Dict[str, Any] = {}
     if args.do_train:
         trainer = train(model, model_args, data_args, args)
@@ -140,12 +168,25 @@ def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedT
             raise ValueError("--do_encode needs --eval_data_dir (a BEIR-layout folder)")
         os.makedirs(args.output_dir, exist_ok=True)
         result["embeddings_file"] = encode_corpus_to_disk(model, data_args.eval_data_dir, args.output_dir)
+    if args.do_eval and isinstance(model, MultiVectorModel):
+        return evaluate_multi_vector(model, data_args, result)
     if args.do_eval:
         if not data_args.eval_data_dir:
             raise ValueError("--do_eval needs --eval_data_dir (a BEIR-layout folder)")
         data = load_beir(data_args.eval_data_dir, split=data_args.eval_split)
-        result["metrics"] = evaluate_retrieval(model, data).metrics
+        if model_args.embedding_quantization:
+            from ..evaluation.quantized_search import evaluate_quantized_retrieval
+
+            result["metrics"] = evaluate_quantized_retrieval(
+                model, data, precision=model_args.embedding_quantization,
+                rescore_multiplier=model_args.rescore_multiplier, rescore_with_float=model_args.rescore_with_float,
+            ).metrics
+        else:
+            result["metrics"] = evaluate_retrieval(model, data).metrics
         print(json.dumps(result["metrics"], indent=2))
+        if args.eval_dims:
+            result["metrics_by_dim"] = evaluate_dims(model, data, parse_dims(args.eval_dims))
+            print(json.dumps(result["metrics_by_dim"], indent=2))
     return result
 
 

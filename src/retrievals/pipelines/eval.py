@@ -15,8 +15,9 @@ from typing import Dict, List, Optional
 
 from ..data.beir import load_beir
 from ..data.sts import load_sts
-from ..evaluation.retrieval import evaluate_retrieval
+from ..evaluation.retrieval import evaluate_dims, evaluate_retrieval
 from ..evaluation.sts import evaluate_sts
+from ..losses.matryoshka import parse_dims
 from ..models.embedding_model import AutoModelForEmbedding
 from .cli import run_cli
 
@@ -36,6 +37,8 @@ class EvalArguments:
     precision: str = field(default="auto", metadata={"help": "auto (bf16 where fast), fp32, bf16 or fp16"})
     num_examples: int = field(default=3, metadata={"help": "Example queries to print with their top hits"})
     output_file: Optional[str] = field(default=None, metadata={"help": "Write the metrics as JSON here"})
+    dims: Optional[str] = field(default=None, metadata={
+        "help": "Also evaluate these embedding sizes (Matryoshka), e.g. 384,256,128,64: nDCG@10 per size"})
 
 
 def run_eval(args: EvalArguments) -> Dict[str, float]:
@@ -56,6 +59,9 @@ def run_eval(args: EvalArguments) -> Dict[str, float]:
         result = evaluate_retrieval(model, data, top_k=args.top_k, batch_size=args.batch_size, show_progress_bar=True)
         metrics.update(result.metrics)
         _print_examples(data, result.run, args.num_examples)
+        if args.dims:
+            for dim, values in evaluate_dims(model, data, parse_dims(args.dims), batch_size=args.batch_size).items():
+                metrics[f"ndcg@10_d{dim}"] = values["ndcg@10"]
     metrics["seconds"] = time.perf_counter() - start
     _print_report(args, metrics)
     if args.output_file:

@@ -17,11 +17,10 @@ from transformers import Trainer
 
 from ..losses import InfoNCE
 from ..losses.simcse import SimCSE
+from ..losses.utils import LOSS_EXTRAS, SIDES
 
 logger = logging.getLogger(__name__)
 
-SIDES = ("query", "positive", "negative")
-LOSS_EXTRAS = ("labels", "teacher_scores", "positive_ids", "negative_ids")
 
 
 class NonFiniteLossError(RuntimeError):
