@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--data_dir", default="../shared/data/scifact")
     parser.add_argument("--output_dir", default="outputs/scifact-matryoshka")
     parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--weights", default="1,1,1,1", help="Matryoshka weights of 384,256,128,64")
     parser.add_argument("--reuse", default=None, help="a previous result JSON: take its base and plain rows")
     args = parser.parse_args()
@@ -54,7 +55,7 @@ def main() -> None:
     for name, loss in runs:
         start = time.perf_counter()
         out = train_scifact(args.model, args.data_dir, os.path.join(args.output_dir, name), epochs=args.epochs,
-                            evaluate=False, loss_fn=loss)
+                            lr=args.lr, evaluate=False, loss_fn=loss)
         table[name] = evaluate_dims(out["model"], test, DIMS)
         seconds[name] = time.perf_counter() - start
         out["model"].save_pretrained(os.path.join(args.output_dir, name))
@@ -65,7 +66,7 @@ def main() -> None:
     print("seconds (train + eval): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     with open(os.path.join(args.output_dir, "matryoshka_result.json"), "w", encoding="utf-8") as f:
         json.dump({"ndcg@10": {k: {d: v[d]["ndcg@10"] for d in DIMS} for k, v in table.items()},
-                   "metrics": table, "seconds": seconds, "weights": weights, "epochs": args.epochs}, f, indent=2)
+                   "metrics": table, "seconds": seconds, "weights": weights, "epochs": args.epochs, "lr": args.lr}, f, indent=2)
 
 
 if __name__ == "__main__":
