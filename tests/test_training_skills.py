@@ -203,7 +203,7 @@ def test_embed_flags_matryoshka_cached_truncate_and_eval_dims(tiny_bert_dir, tmp
     original = CachedLoss.forward
 
     def spy(self, model, inputs):
-        seen.append((type(self.loss).__name__, self.mini_batch_size, list(self.loss.dims)))
+        seen.append((type(self.loss).__name__, self.mini_batch_size, list(self.loss.dims), list(self.loss.weights)))
         return original(self, model, inputs)
 
     monkeypatch.setattr(CachedLoss, "forward", spy)
@@ -214,9 +214,10 @@ def test_embed_flags_matryoshka_cached_truncate_and_eval_dims(tiny_bert_dir, tmp
     (beir / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "cat dog"}) + "\n")
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td0\t1\n")
     result = embed.run_embed(*_parse(common_flags(tmp_path, tiny_bert_dir, data) + [
-        "--matryoshka_dims", "32,16,8", "--cached_mini_batch_size", "3", "--truncate_dim", "16",
+        "--matryoshka_dims", "32,16,8", "--matryoshka_weights", "1,1,2", "--cached_mini_batch_size", "3",
+        "--truncate_dim", "16",
         "--do_eval", "--eval_data_dir", str(beir), "--eval_dims", "32,8"]))
-    assert seen and seen[0] == ("MatryoshkaLoss", 3, [32, 16, 8])
+    assert seen and seen[0] == ("MatryoshkaLoss", 3, [32, 16, 8], [1.0, 1.0, 2.0])
     assert result["losses"][-1] < result["losses"][0]
     assert set(result["metrics_by_dim"]) == {32, 8} and 0 < result["metrics_by_dim"][8]["ndcg@10"] <= 1
     model = AutoModelForEmbedding.from_pretrained(tmp_path / "out")

@@ -73,7 +73,11 @@ def build_loss(args: EmbedTrainingArguments):
             raise ValueError("--memory_bank_size and --matryoshka_dims cannot be combined (the bank holds one size)")
         loss = CrossBatchMemory(loss, size=args.memory_bank_size)
     if args.matryoshka_dims:
-        weights = [float(w) for w in args.matryoshka_weights.split(",")] if args.matryoshka_weights else None
+        try:
+            weights = [float(w) for w in args.matryoshka_weights.split(",")] if args.matryoshka_weights else None
+        except ValueError:
+            raise ValueError(f"--matryoshka_weights must be comma-separated numbers, got {args.matryoshka_weights!r}") \
+                from None
         loss = MatryoshkaLoss(loss, parse_dims(args.matryoshka_dims), weights=weights)
     if args.cached_mini_batch_size:
         loss = CachedLoss(loss, mini_batch_size=args.cached_mini_batch_size)
