@@ -92,6 +92,26 @@ def smollm_gguf() -> str:
     return files[0]
 
 
+BEIR_WORDS = "cat dog fish sky sun moon ocean blue red green".split()
+
+
+@pytest.fixture
+def tiny_beir_dir(tmp_path) -> str:
+    """A BEIR-layout folder: one document per word (gzipped corpus), the word as its query, qrels test."""
+    import gzip
+    import json
+
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    with gzip.open(root / "corpus.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"_id": f"doc-{w}", "title": w, "text": f"the {w}"}) + "\n" for w in BEIR_WORDS)
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": w}) + "\n"
+                                                for i, w in enumerate(BEIR_WORDS)))
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                             "".join(f"q{i}\tdoc-{w}\t1\n" for i, w in enumerate(BEIR_WORDS)))
+    return str(root)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> str:
     path = os.path.abspath(DATA_DIR)

@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-from transformers import HfArgumentParser
 
 from retrievals import AutoModelForEmbedding, PairCollator
 from retrievals.losses import InfoNCE
@@ -40,8 +39,7 @@ def test_smollm2_lora_pipeline(smollm_gguf, data_dir, tmp_path):
             "Document: ", "--query_max_length", "48", "--document_max_length", "96", "--learning_rate", "5e-4",
             "--per_device_train_batch_size", "8", "--max_steps", "24", "--logging_steps", "4", "--bf16",
             "--temperature", "0.05", "--save_strategy", "no", "--use_cpu", "True", "--report_to", "none"]
-    parser = HfArgumentParser((embed.ModelArguments, embed.DataArguments, embed.EmbedTrainingArguments))
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, train_args = embed.parse_args(argv)
     model = embed.load_model(model_args)
     held_out = rows[:8]
     before = fixed_batch_loss(model, held_out)

@@ -1,6 +1,5 @@
 """Multi-vector (ColBERT-style) model, maxsim scorer and loss, maxsim retrieval and the embed flag."""
 
-import gzip
 import json
 import math
 import shutil
@@ -8,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
 from retrievals import AutoModelForEmbedding, RetrievalCollator, RetrievalDataset, RetrievalTrainer
 from retrievals.evaluation.maxsim import (
@@ -268,16 +267,6 @@ def test_fuse_runs_and_padding_helper():
 
 
 # ---------------------------------------------------------------------------- the embed pipeline
-def write_beir(root):
-    (root / "qrels").mkdir(parents=True)
-    with gzip.open(root / "corpus.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps({"_id": f"doc-{w}", "title": w, "text": f"the {w}"}) + "\n" for w in WORDS)
-    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": w}) + "\n" for i, w in enumerate(WORDS)))
-    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
-                                             "".join(f"q{i}\tdoc-{w}\t1\n" for i, w in enumerate(WORDS)))
-    return str(root)
-
-
 def flags(tmp_path, model_dir, data):
     return ["--output_dir", str(tmp_path / "out"), "--model_name_or_path", model_dir, "--do_train",
             "--data_name_or_path", data, "--per_device_train_batch_size", "8", "--num_train_epochs", "2",
@@ -286,16 +275,12 @@ def flags(tmp_path, model_dir, data):
             "--train_group_size", "2", "--query_max_length", "16", "--document_max_length", "24", "--seed", "0"]
 
 
-def parse(argv):
-    return HfArgumentParser((embed.ModelArguments, embed.DataArguments, embed.EmbedTrainingArguments)) \
-        .parse_args_into_dataclasses(args=argv)
-
-
-def test_embed_pipeline_multi_vector_flag(tiny_bert_dir, tmp_path, capsys):
+def test_embed_pipeline_multi_vector_flag(tiny_bert_dir, tiny_beir_dir, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in pair_rows()))
-    root = write_beir(tmp_path / "beir")
-    model_args, data_args, args = parse(flags(tmp_path, tiny_bert_dir, str(data)) + ["--do_eval", "--eval_data_dir", root])
+    root = tiny_beir_dir
+    argv = flags(tmp_path, tiny_bert_dir, str(data)) + ["--do_eval", "--eval_data_dir", root]
+    model_args, data_args, args = embed.parse_args(argv)
     assert model_args.multi_vector_dim == 16
     assert isinstance(embed.build_loss(args), MaxSimLoss) and embed.build_loss(args).temperature == 0.1
     result = embed.run_embed(model_args, data_args, args)
@@ -330,7 +315,7 @@ def test_embed_multi_vector_resume_restores_the_projection(tiny_bert_dir, tmp_pa
     assert embed.main(argv) == 0
     uninterrupted = MultiVectorModel.from_pretrained(tmp_path / "out", precision="fp32")
     shutil.rmtree(tmp_path / "out" / "checkpoint-6")  # as if killed after step 4
-    model_args, data_args, args = parse(argv)
+    model_args, data_args, args = embed.parse_args(argv)
     model = embed.wrap_multi_vector(embed.load_model(model_args), model_args, args)
     trainer = embed.train(model, model_args, data_args, args)
     assert trainer.state.global_step == 6

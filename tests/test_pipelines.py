@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-from transformers import HfArgumentParser
 
 from retrievals import AutoModelForEmbedding
 from retrievals.pipelines import build_hn, embed
@@ -94,8 +93,7 @@ def test_lora_decoder_merged_equals_adapter(tiny_llama_dir, tmp_path):
     argv = common_flags(tmp_path, tiny_llama_dir, data) + [
         "--pooling_method", "last", "--use_lora", "True", "--lora_target_modules", "q_proj,v_proj",
         "--query_instruction", "query: ", "--num_train_epochs", "3"]
-    args = HfArgumentParser((embed.ModelArguments, embed.DataArguments, embed.EmbedTrainingArguments))
-    model_args, data_args, train_args = args.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, train_args = embed.parse_args(argv)
     model = embed.load_model(model_args)
     trainer = embed.train(model, model_args, data_args, train_args)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -153,16 +151,8 @@ def test_finetune_beir_main_job_on_tiny_data(tiny_bert_dir, tmp_path):
     assert finetune_beir.main(["--model_name_or_path", tiny_bert_dir, "--data_dir", str(tmp_path / "nope")]) == 2
 
 
-def test_embed_do_encode_and_do_eval(tiny_bert_dir, tmp_path):
-    import gzip
-
-    root = tmp_path / "beir"
-    (root / "qrels").mkdir(parents=True)
-    with gzip.open(root / "corpus.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps({"_id": f"doc-{w}", "title": w, "text": f"the {w}"}) + "\n" for w in WORDS)
-    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": w}) + "\n" for i, w in enumerate(WORDS)))
-    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
-                                             "".join(f"q{i}\tdoc-{w}\t1\n" for i, w in enumerate(WORDS)))
+def test_embed_do_encode_and_do_eval(tiny_bert_dir, tiny_beir_dir, tmp_path):
+    root = tiny_beir_dir
     out = tmp_path / "enc"
     assert embed.main(["--output_dir", str(out), "--model_name_or_path", tiny_bert_dir, "--do_encode", "--do_eval",
                        "--eval_data_dir", str(root), "--report_to", "none"]) == 0
@@ -183,8 +173,7 @@ def test_embed_resumes_from_last_checkpoint(tiny_bert_dir, tmp_path, capsys):
     assert embed.main(flags) == 0
     uninterrupted = AutoModelForEmbedding.from_pretrained(tmp_path / "out", precision="fp32").encode(WORDS)
     shutil.rmtree(tmp_path / "out" / "checkpoint-6")  # as if killed after step 4
-    parser = HfArgumentParser((embed.ModelArguments, embed.DataArguments, embed.EmbedTrainingArguments))
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=flags)
+    model_args, data_args, train_args = embed.parse_args(flags)
     assert embed.check_output_dir(train_args).endswith("checkpoint-4")
     model = embed.load_model(model_args)
     trainer = embed.train(model, model_args, data_args, train_args)

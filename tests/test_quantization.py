@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import HfArgumentParser
 
 from retrievals import AutoModelForEmbedding
 from retrievals.evaluation.metrics import evaluate_run
@@ -191,21 +190,6 @@ def test_rescoring_search_recovers_exact_top_k(precision):
 
 
 # ------------------------------------------------------------------------------------------- pipeline
-def write_beir(root):
-    (root / "qrels").mkdir(parents=True)
-    with gzip.open(root / "corpus.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps({"_id": f"doc-{w}", "title": w, "text": f"the {w}"}) + "\n" for w in WORDS)
-    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": w}) + "\n" for i, w in enumerate(WORDS)))
-    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
-                                             "".join(f"q{i}\tdoc-{w}\t1\n" for i, w in enumerate(WORDS)))
-    return str(root)
-
-
-def parse(argv):
-    parser = HfArgumentParser((embed.ModelArguments, embed.DataArguments, embed.EmbedTrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
 def write_pairs(path, n=48):
     rng = np.random.default_rng(0)
     with open(path, "w") as f:
@@ -215,12 +199,12 @@ def write_pairs(path, n=48):
     return str(path)
 
 
-def test_embed_pipeline_quantization_flags(tiny_bert_dir, tmp_path, capsys):
-    root = write_beir(tmp_path / "beir")
+def test_embed_pipeline_quantization_flags(tiny_bert_dir, tiny_beir_dir, tmp_path, capsys):
+    root = tiny_beir_dir
     argv = ["--output_dir", str(tmp_path / "out"), "--model_name_or_path", tiny_bert_dir, "--do_eval",
             "--eval_data_dir", root, "--report_to", "none", "--quantization", "int8",
             "--embedding_quantization", "binary", "--rescore_multiplier", "2"]
-    result = embed.run_embed(*parse(argv))
+    result = embed.run_embed(*embed.parse_args(argv))
     # reference by hand: the int8 model's float embeddings, binary top-20 by Hamming (10 docs -> all), rescored
     # with the +-1 document vectors
     model = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, quantization="int8")
@@ -232,7 +216,7 @@ def test_embed_pipeline_quantization_flags(tiny_bert_dir, tmp_path, capsys):
     expected = evaluate_run(expected_run, qrels, ["ndcg@10", "mrr@10", "recall@100", "map@100"])
     assert result["metrics"] == pytest.approx(expected)
     # with float rescoring over all documents it is exactly the int8 model's exact search
-    float_rescored = embed.run_embed(*parse(argv + ["--rescore_with_float", "True"]))
+    float_rescored = embed.run_embed(*embed.parse_args(argv + ["--rescore_with_float", "True"]))
     data = embed.load_beir(root)
     assert float_rescored["metrics"] == pytest.approx(evaluate_retrieval(model, data).metrics)
     # errors: unknown names, bitsandbytes without CUDA, int8 with training / LoRA
@@ -254,7 +238,7 @@ def test_embed_pipeline_bf16_training_loss_falls(tiny_bert_dir, tmp_path, monkey
             "--data_name_or_path", data_file, "--per_device_train_batch_size", "16", "--num_train_epochs", "4",
             "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "True",
             "--report_to", "none", "--bf16", "True", "--query_max_length", "16", "--document_max_length", "16"]
-    model_args, data_args, args = parse(argv)
+    model_args, data_args, args = embed.parse_args(argv)
     assert args.bf16
     seen = []
     original = torch.nn.Linear.forward

@@ -197,7 +197,7 @@ def common_flags(tmp_path, model_dir, data, out="out"):
             "--train_group_size", "2", "--pooling_method", "mean"]
 
 
-def test_embed_flags_matryoshka_cached_truncate_and_eval_dims(tiny_bert_dir, tmp_path, monkeypatch):
+def test_embed_flags_matryoshka_cached_truncate_and_eval_dims(tiny_bert_dir, tiny_beir_dir, tmp_path, monkeypatch):
     data = write_pairs(tmp_path / "train.jsonl")
     seen = []
     original = CachedLoss.forward
@@ -207,13 +207,8 @@ def test_embed_flags_matryoshka_cached_truncate_and_eval_dims(tiny_bert_dir, tmp
         return original(self, model, inputs)
 
     monkeypatch.setattr(CachedLoss, "forward", spy)
-    beir = tmp_path / "beir"
-    (beir / "qrels").mkdir(parents=True)
-    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n"
-                                               for i, t in enumerate(["the cat and the dog", "the sky", "the fish"])))
-    (beir / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "cat dog"}) + "\n")
-    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td0\t1\n")
-    result = embed.run_embed(*_parse(common_flags(tmp_path, tiny_bert_dir, data) + [
+    beir = tiny_beir_dir
+    result = embed.run_embed(*embed.parse_args(common_flags(tmp_path, tiny_bert_dir, data) + [
         "--matryoshka_dims", "32,16,8", "--matryoshka_weights", "1,1,2", "--cached_mini_batch_size", "3",
         "--truncate_dim", "16",
         "--do_eval", "--eval_data_dir", str(beir), "--eval_dims", "32,8"]))
@@ -243,17 +238,10 @@ def test_embed_flag_memory_bank(tiny_bert_dir, tmp_path, monkeypatch):
         return original(self, query, positive, *args, **kwargs)
 
     monkeypatch.setattr(CrossBatchMemory, "forward", spy)
-    result = embed.run_embed(*_parse(common_flags(tmp_path, tiny_bert_dir, data) + ["--memory_bank_size", "20"]))
+    result = embed.run_embed(*embed.parse_args(common_flags(tmp_path, tiny_bert_dir, data) + ["--memory_bank_size", "20"]))
     assert sizes[:4] == [0, 16, 20, 20]  # 8 positives + 8 negatives per step, capped at 20
     assert result["losses"][-1] < result["losses"][0] + 1.0
     with pytest.raises(ValueError, match="cannot be combined"):
-        embed.run_embed(*_parse(common_flags(tmp_path, tiny_bert_dir, data, "out2") + [
+        embed.run_embed(*embed.parse_args(common_flags(tmp_path, tiny_bert_dir, data, "out2") + [
             "--memory_bank_size", "20", "--matryoshka_dims", "32,16"]))
 
-
-def _parse(argv):
-    from transformers import HfArgumentParser
-
-    from retrievals.pipelines.arguments import DataArguments, EmbedTrainingArguments, ModelArguments
-
-    return HfArgumentParser([ModelArguments, DataArguments, EmbedTrainingArguments]).parse_args_into_dataclasses(argv)

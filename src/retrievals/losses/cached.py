@@ -18,7 +18,8 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
-from .utils import LOSS_EXTRAS, SIDES
+from .simcse import inputs_to_embed
+from .utils import LOSS_EXTRAS
 
 __all__ = ["CachedLoss"]
 
@@ -42,9 +43,7 @@ class CachedLoss(nn.Module):
         self.loss, self.mini_batch_size = loss, mini_batch_size
 
     def forward(self, model: nn.Module, inputs: Dict[str, Any]) -> torch.Tensor:
-        side_inputs = {side: inputs[side] for side in SIDES if side in inputs}
-        if "positive" not in side_inputs and type(self.loss).__name__ == "SimCSE":
-            side_inputs["positive"] = inputs["query"]  # second dropout view
+        side_inputs = inputs_to_embed(self.loss, inputs)
         extras = {k: inputs[k] for k in LOSS_EXTRAS if k in inputs}
         autocast = _AutocastState()
         rng_states: Dict[str, List[_RngState]] = {}

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
 from .infonce import InfoNCE
+from .utils import SIDES
+
+
+def inputs_to_embed(loss: nn.Module, batch: Dict[str, Any]) -> Dict[str, Any]:
+    """The token inputs of each side a loss embeds; a pair-less batch for :class:`SimCSE` embeds its
+    queries a second time as ``positive`` (the second dropout view)."""
+    sides = {side: batch[side] for side in SIDES if side in batch}
+    if "positive" not in sides and isinstance(loss, SimCSE):
+        sides["positive"] = batch["query"]
+    return sides
 
 
 class SimCSE(InfoNCE):

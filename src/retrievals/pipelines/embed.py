@@ -194,8 +194,18 @@ def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedT
     return result
 
 
+ARGUMENT_TYPES = (ModelArguments, DataArguments, EmbedTrainingArguments)
+
+
+def parse_args(argv: List[str]):
+    """``(ModelArguments, DataArguments, EmbedTrainingArguments)`` from command-line flags."""
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(ARGUMENT_TYPES).parse_args_into_dataclasses(args=argv)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_cli([ModelArguments, DataArguments, EmbedTrainingArguments], run_embed, argv)
+    return run_cli(ARGUMENT_TYPES, run_embed, argv)
 
 
 if __name__ == "__main__":

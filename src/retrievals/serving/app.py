@@ -53,8 +53,7 @@ def create_app(model: AutoModelForEmbedding, config: Optional[ServerConfig] = No
         if not hasattr(config, name):
             raise TypeError(f"unknown server setting {name!r}")
         setattr(config, name, value)
-    max_length = max(model.embedding_config.max_length_for(True), model.embedding_config.max_length_for(False))
-    config.check(max_length)
+    config.check(_longest_input(model))
     if not config.served_model_name:
         source = getattr(model.model.config, "_name_or_path", "") or "model"
         config.served_model_name = os.path.basename(os.path.normpath(source))
@@ -82,6 +81,12 @@ def create_app(model: AutoModelForEmbedding, config: Optional[ServerConfig] = No
     return app
 
 
+def _longest_input(model: AutoModelForEmbedding) -> int:
+    """The model's max input length in tokens, the longer of its query and document sides."""
+    cfg = model.embedding_config
+    return max(cfg.max_length_for(True), cfg.max_length_for(False))
+
+
 class _ServerState:
     def __init__(self, model: AutoModelForEmbedding, config: ServerConfig) -> None:
         self.model, self.config = model, config
@@ -90,8 +95,8 @@ class _ServerState:
         self.created = int(time.time())
         hidden = model.model.config.hidden_size
         self.batcher = DynamicBatcher(self._encode, hidden, config, self.metrics)
-        cfg = model.embedding_config
-        self.max_chars = config.input_chars_limit(max(cfg.max_length_for(True), cfg.max_length_for(False)))
+        self.max_chars = config.input_chars_limit(_longest_input(model))
+        self.probe_ids = model.tokenize(["health check"])  # /health's tiny input, tokenized once
 
     def _encode(self, ids: List[List[int]]):
         return self.model.encode_ids(ids, batch_size=self.config.max_batch_size)
@@ -237,7 +242,7 @@ async def _probe(state: _ServerState) -> None:
     """Run the model on a tiny input through the batcher (so a stuck model thread shows)."""
     if not state.batcher.running:
         raise APIError(503, "server is not running (starting or shutting down)", code="unavailable")
-    job = state.batcher.submit(state.model.tokenize(["health check"]), priority=True)
+    job = state.batcher.submit(state.probe_ids, priority=True)
     done, _ = await asyncio.wait({job.future}, timeout=state.config.health_timeout)
     if not done:
         state.batcher.cancel(job)

@@ -156,11 +156,6 @@ def embedding_response(embeddings: np.ndarray, encoding_format: str, model: str,
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
-def decode_base64_embedding(value: str) -> np.ndarray:
-    """Inverse of the base64 encoding above (what a client does)."""
-    return np.frombuffer(base64.b64decode(value), dtype="<f4")
-
-
 def model_card(name: str, created: int, dimension: int, limits: Dict[str, Any]) -> Dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "retrievals",
             "dimension": dimension, **limits}

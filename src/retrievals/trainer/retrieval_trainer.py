@@ -16,7 +16,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..losses import InfoNCE
-from ..losses.simcse import SimCSE
+from ..losses.simcse import inputs_to_embed
 from ..losses.utils import LOSS_EXTRAS, SIDES
 
 logger = logging.getLogger(__name__)
@@ -79,9 +79,7 @@ class RetrievalTrainer(Trainer):
             embeddings: Dict[str, Any] = {}
             loss = self.loss_fn(model, inputs)
         else:
-            embeddings = {side: model(**inputs[side]) for side in SIDES if side in inputs}
-            if "positive" not in embeddings and isinstance(self.loss_fn, SimCSE):
-                embeddings["positive"] = model(**inputs["query"])  # second dropout view
+            embeddings = {side: model(**batch) for side, batch in inputs_to_embed(self.loss_fn, inputs).items()}
             extras = {k: inputs[k] for k in LOSS_EXTRAS if k in inputs}
             if getattr(self.accelerator.unwrap_model(model), "returns_token_embeddings", False):
                 extras.update({f"{side}_mask": inputs[side]["attention_mask"] for side in SIDES if side in inputs})
