@@ -9,9 +9,8 @@ through ``RetrievalTrainer`` (``returns_token_embeddings = True`` makes it pass 
 Saved layout: the backbone directory written by ``AutoModelForEmbedding.save_pretrained`` (it still
 loads as a dense model), plus ``multi_vector_projection.safetensors`` and ``multi_vector_config.json``.
 
-Resuming from a ``RetrievalTrainer`` checkpoint: the trainer restores the backbone weights and the
-optimizer state but not the projection; call :meth:`MultiVectorModel.load_projection` on the
-checkpoint before ``trainer.train(resume_from_checkpoint=...)`` (the embed pipeline does).
+Resuming from a ``RetrievalTrainer`` checkpoint restores the backbone, the projection
+(:meth:`MultiVectorModel.load_projection`) and the optimizer state.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from ..models.multi_vector import MultiVectorModel
 from ..trainer import RetrievalTrainer
 from .arguments import DataArguments, EmbedTrainingArguments, ModelArguments
 from .cli import run_cli
-from .multi_vector import evaluate_multi_vector, maxsim_loss_kwargs, restore_projection, wrap_multi_vector
+from .multi_vector import evaluate_multi_vector, maxsim_loss_kwargs, wrap_multi_vector
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +125,7 @@ def train(model, model_args, data_args, args: EmbedTrainingArguments) -> Retriev
                             document_max_length=model_args.document_max_length)
     trainer = RetrievalTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                loss_fn=build_loss(args))
-    checkpoint = check_output_dir(args)
-    restore_projection(model, checkpoint)  # multi-vector: the trainer restores only the backbone
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=check_output_dir(args))
     return trainer
 
 

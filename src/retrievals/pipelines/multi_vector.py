@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from torch import nn
 
@@ -55,12 +55,6 @@ def wrap_multi_vector(model: nn.Module, model_args, args) -> nn.Module:
 def maxsim_loss_kwargs(args) -> Dict[str, Any]:
     """``MaxSimLoss`` arguments from the training flags."""
     return {"temperature": args.temperature, "use_inbatch_negative": args.use_inbatch_negative}
-
-
-def restore_projection(model: nn.Module, checkpoint: Optional[str]) -> None:
-    """Before resuming: ``RetrievalTrainer`` restores the backbone and optimizer, this the projection."""
-    if checkpoint and isinstance(model, MultiVectorModel):
-        model.load_projection(checkpoint, required=True)
 
 
 def evaluate_multi_vector(model: MultiVectorModel, data_args, result: Dict[str, Any]) -> Dict[str, Any]:

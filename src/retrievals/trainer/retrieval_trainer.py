@@ -106,6 +106,8 @@ class RetrievalTrainer(Trainer):
         from ..models.lora import is_peft_model, load_adapter_weights
 
         model = model or self.model
+        if hasattr(model, "load_projection"):  # a multi-vector head, saved beside the backbone
+            model.load_projection(resume_from_checkpoint, required=True)
         if is_peft_model(model.model):
             if not load_adapter_weights(model.model, resume_from_checkpoint):
                 raise FileNotFoundError(f"Can't find a valid checkpoint at {resume_from_checkpoint} (no adapter/)")
