@@ -40,13 +40,26 @@ class _BaseCollator:
     document_instruction: Optional[str] = None
     append_eos: Optional[bool] = None
     padding_side: Optional[str] = None
+    pad_token_id: Optional[int] = None
 
-    def with_model_config(self, config) -> _BaseCollator:
-        """A copy whose unset fields come from an ``EmbeddingConfig``."""
+    def with_model_config(self, config, pad_token_id: Optional[int] = None) -> _BaseCollator:
+        """A copy whose unset fields come from an ``EmbeddingConfig`` (and the model's pad id: a tokenizer
+        loaded separately for a decoder LLM often has no pad token of its own)."""
         updates = {name: getattr(config, name) for name in
                    ("query_instruction", "document_instruction", "append_eos", "padding_side")
                    if getattr(self, name) is None}
+        if self.pad_token_id is None and pad_token_id is not None:
+            updates["pad_token_id"] = pad_token_id
         return dataclasses.replace(self, **updates)
+
+    def padding_id(self) -> int:
+        """``pad_token_id`` if set, else the tokenizer's; a clear error when neither exists."""
+        pad = self.pad_token_id if self.pad_token_id is not None else self.tokenizer.pad_token_id
+        if pad is None:
+            raise ValueError(f"{type(self).__name__}: the tokenizer has no pad token; pass pad_token_id=... (e.g. "
+                             "the model's: model.tokenizer.pad_token_id), use model.tokenizer, or let "
+                             "RetrievalTrainer fill it from the model")
+        return pad
 
     def encode_texts(self, texts: Sequence[str], is_query: bool) -> Dict[str, torch.Tensor]:
         instruction = (self.query_instruction if is_query else self.document_instruction) or ""
@@ -56,7 +69,7 @@ class _BaseCollator:
         )
         if tokenized.num_truncated:
             logger.debug("%d %s texts reached max length", tokenized.num_truncated, "query" if is_query else "document")
-        return pad_batch(tokenized.input_ids, self.tokenizer.pad_token_id, self.padding_side or "right")
+        return pad_batch(tokenized.input_ids, self.padding_id(), self.padding_side or "right")
 
     def pair_batch(self, features: List[Dict[str, Any]]) -> Dict[str, Any]:
         queries = [f["query"] for f in features]

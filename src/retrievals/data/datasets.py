@@ -65,12 +65,27 @@ def score_list_field(record: Dict[str, Any], key: str, origin: str, texts: List[
     return scores
 
 
+def item_rng(seed: int, index: int, epoch: int) -> random.Random:
+    """The random source of one item in one epoch: the same ``(seed, index, epoch)``, the same draws."""
+    return random.Random(hash((seed, index, epoch)))
+
+
+def sample_indices(rng: random.Random, size: int, need: int) -> List[int]:
+    """``need`` distinct indices of ``range(size)``, or with replacement when ``size < need``."""
+    if need <= 0 or size == 0:
+        return []
+    if size >= need:
+        return rng.sample(range(size), need)
+    return [rng.randrange(size) for _ in range(need)]
+
+
 class RetrievalDataset(Dataset):
     """``{"query", "positive", "negative": [...]}`` items; ``negative`` is empty for pair data.
 
     ``train_group_size`` = 1 positive + (n - 1) negatives per item. Negatives are sampled without
     replacement, with replacement only when a record has too few (reported once).
-    Sampling is seeded by ``(seed, index, epoch)``: set ``dataset.epoch`` to vary it per epoch.
+    Sampling is seeded by ``(seed, index, epoch)``; ``RetrievalTrainer`` calls :meth:`set_epoch` at
+    every epoch, so each epoch draws new negatives (and positives), deterministically and resumably.
 
     ``with_teacher_scores=True`` (distillation) requires ``pos_scores_key`` / ``neg_scores_key`` lists
     aligned with the positive / negative texts in every record, and adds ``"teacher_scores"`` to each
@@ -114,18 +129,17 @@ class RetrievalDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the items of ``epoch`` from now on (called by ``RetrievalTrainer`` at each epoch begin)."""
+        self.epoch = int(epoch)
+
     def __getitem__(self, index: int) -> Dict[str, Any]:
         row = self.rows[index]
-        rng = random.Random(hash((self.seed, index, self.epoch)))
+        rng = item_rng(self.seed, index, self.epoch)
         need = self.train_group_size - 1
         negatives = row["negative"]
         # Sample indices (the same random draws as sampling the texts) so scores stay aligned.
-        if need == 0 or not negatives:
-            chosen: List[int] = []
-        elif len(negatives) >= need:
-            chosen = rng.sample(range(len(negatives)), need)
-        else:
-            chosen = [rng.choice(range(len(negatives))) for _ in range(need)]
+        chosen = sample_indices(rng, len(negatives), need)
         positive = rng.choice(range(len(row["positive"])))
         item = {"query": row["query"], "positive": row["positive"][positive], "negative": [negatives[i] for i in chosen]}
         if self.score_keys:
@@ -177,17 +191,30 @@ class PointwiseDataset(Dataset):
 
 
 class ListwiseDataset(Dataset):
-    """``{"query", "documents", "scores"}`` items; lists are truncated/sampled to ``group_size``."""
+    """``{"query", "documents", "scores"}`` items of exactly ``group_size`` documents.
+
+    The first document of a record is always kept (it is the collator's ``positive``); the other
+    ``group_size - 1`` are sampled from the rest, without replacement, with replacement only for
+    records with too few (reported once, as :class:`RetrievalDataset` does). Sampling is seeded by
+    ``(seed, index, epoch)``; ``RetrievalTrainer`` calls :meth:`set_epoch` each epoch.
+    Without ``group_size`` every list must have the same length.
+    """
 
     def __init__(self, source: Any, query_key: str = "query", documents_key: str = "documents",
                  scores_key: str = "scores", group_size: Optional[int] = None, skip_invalid: bool = False,
                  seed: int = 42) -> None:
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
         self.keys = (query_key, documents_key, scores_key)
         self.group_size, self.seed, self.epoch = group_size, seed, 0
         self.rows = load_validated(source, self._parse, skip_invalid)
         sizes = {len(r["documents"]) for r in self.rows}
         if group_size is None and len(sizes) > 1:
             raise ValueError(f"lists have different lengths {sorted(sizes)[:5]}; set group_size")
+        short = sum(1 for r in self.rows if len(r["documents"]) < (group_size or 0))
+        if short:
+            logger.warning("%d of %d lists have fewer than %d documents; sampling their documents after the first "
+                           "with replacement", short, len(self.rows), group_size)
 
     def _parse(self, record: Dict[str, Any], origin: str) -> Dict[str, Any]:
         q, d, s = self.keys
@@ -195,17 +222,24 @@ class ListwiseDataset(Dataset):
         scores = record.get(s)
         if not isinstance(scores, list) or len(scores) != len(docs):
             raise InvalidRecord(f"{origin}: field {s!r} must be a list of {len(docs)} numbers")
+        if self.group_size and self.group_size > 1 and len(docs) < 2:
+            raise InvalidRecord(f"{origin}: field {d!r} has 1 document but group_size={self.group_size} needs "
+                                "at least 2 (the first plus others to sample from)")
         return {"query": text_field(record, q, origin), "documents": docs,
                 "scores": [number_field({s: x}, s, origin) for x in scores]}
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the items of ``epoch`` from now on (called by ``RetrievalTrainer`` at each epoch begin)."""
+        self.epoch = int(epoch)
+
     def __getitem__(self, index: int) -> Dict[str, Any]:
         row = self.rows[index]
-        if not self.group_size or self.group_size >= len(row["documents"]):
+        if not self.group_size or self.group_size == len(row["documents"]):
             return row
-        rng = random.Random(hash((self.seed, index, self.epoch)))
-        keep = sorted(rng.sample(range(len(row["documents"])), self.group_size))
+        rest = sample_indices(item_rng(self.seed, index, self.epoch), len(row["documents"]) - 1, self.group_size - 1)
+        keep = [0] + [1 + i for i in rest]
         return {"query": row["query"], "documents": [row["documents"][i] for i in keep],
                 "scores": [row["scores"][i] for i in keep]}

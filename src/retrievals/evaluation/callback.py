@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 from transformers import TrainerCallback
 
 from ..data.beir import BeirDataset
-from .retrieval import evaluate_retrieval
+from .retrieval import RetrievalEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -19,11 +19,11 @@ class RetrievalEvaluatorCallback(TrainerCallback):
 
     def __init__(self, model, data: BeirDataset, eval_steps: int = 100, prefix: str = "dev_", **eval_kwargs: Any):
         self.model, self.data, self.eval_steps, self.prefix = model, data, eval_steps, prefix
-        self.eval_kwargs = eval_kwargs
+        self.evaluator = RetrievalEvaluator(data, **eval_kwargs)
         self.history: List[tuple] = []
 
     def _evaluate(self, state) -> Dict[str, float]:
-        metrics = {self.prefix + k: v for k, v in evaluate_retrieval(self.model, self.data, **self.eval_kwargs).metrics.items()}
+        metrics = {self.prefix + k: v for k, v in self.evaluator(self.model).items()}
         self.history.append((state.global_step, metrics))
         state.log_history.append({**metrics, "step": state.global_step})
         logger.info("step %d: %s", state.global_step, metrics)

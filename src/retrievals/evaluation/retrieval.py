@@ -80,3 +80,14 @@ def evaluate_dims(
                                     query_embeddings=model.finalize_embeddings(queries, None, dim))
         results[int(dim)] = result.metrics
     return results
+
+
+class RetrievalEvaluator:
+    """``evaluator(model) -> metrics``: dense retrieval on a BEIR-layout dev set, for
+    ``RetrievalTrainer(evaluator=...)`` (metrics become ``eval_ndcg@10`` ...) and the dev callback."""
+
+    def __init__(self, data: BeirDataset, **eval_kwargs: Any) -> None:
+        self.data, self.eval_kwargs = data, eval_kwargs
+
+    def __call__(self, model) -> Dict[str, float]:
+        return evaluate_retrieval(model, self.data, **self.eval_kwargs).metrics

@@ -7,7 +7,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .utils import check_pair, flatten_negatives, gather_ids, gather_with_grad, masked_cross_entropy
+from .utils import (
+    check_pair,
+    check_similarity,
+    flatten_negatives,
+    for_similarity,
+    gather_ids,
+    gather_with_grad,
+    masked_cross_entropy,
+)
 
 
 class InfoNCE(nn.Module):
@@ -16,19 +24,22 @@ class InfoNCE(nn.Module):
     Args:
         criterion: classification loss over the score rows (default ``nn.CrossEntropyLoss()``);
             the seed's ``InfoNCE(nn.CrossEntropyLoss(label_smoothing=0.05))`` form.
-        temperature: scores are ``query . document / temperature``.
+        temperature: scores are ``similarity(query, document) / temperature``.
         use_inbatch_negative: the other queries' positives (and all negatives) in the batch are
             negatives too; off, each query sees only its own positive and its own negatives.
         negatives_cross_device: gather documents from every rank (see ``gather_with_grad``).
-        symmetric: add the document -> query direction (positives against all queries).
+        symmetric: add the document -> query direction (positives against all queries); a query whose
+            positive is the same text as the row's positive is masked there too.
+        similarity: ``"cosine"`` (default: embeddings are L2-normalised inside the loss, so models that
+            do not normalise, e.g. sentence-transformers folders without a Normalize module, train with
+            the same logit scale) or ``"dot"`` (raw inner products, for models trained for them).
 
     Shapes: ``query`` and ``positive`` ``[B, D]``; ``negative`` ``[B, n, D]`` or ``[B*n, D]``
     (optional); ``extra_negatives`` ``[M, D]`` (optional, e.g. a memory bank) are candidates for
     every query, after the (gathered) batch, with optional ``extra_negative_ids`` ``[M]``;
     ``positive_ids`` ``[B]`` and ``negative_ids`` ``[B*n]`` (optional) identify texts: an in-batch
     candidate with the same id as a query's positive is masked out (not punished), since it is the
-    same text. Scores are dot products: pass normalised embeddings for cosine.
-    Returns a scalar.
+    same text. Returns a scalar.
     """
 
     def __init__(
@@ -38,10 +49,12 @@ class InfoNCE(nn.Module):
         use_inbatch_negative: bool = True,
         negatives_cross_device: bool = False,
         symmetric: bool = False,
+        similarity: str = "cosine",
     ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.similarity = check_similarity(similarity)
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.temperature = temperature
         self.use_inbatch_negative = use_inbatch_negative
@@ -60,6 +73,8 @@ class InfoNCE(nn.Module):
         **kwargs,
     ) -> torch.Tensor:
         check_pair(query, positive)
+        query, positive, negative, extra_negatives = (for_similarity(t, self.similarity) for t in
+                                                      (query, positive, negative, extra_negatives))
         negative = flatten_negatives(negative, query.shape[0])
         if not self.use_inbatch_negative:
             if extra_negatives is not None:
@@ -78,11 +93,20 @@ class InfoNCE(nn.Module):
         scores = _mask_duplicates(scores, labels, positive_ids, doc_ids)
         loss = masked_cross_entropy(scores, labels, self.criterion)
         if self.symmetric:
-            queries, q_offset = gather_with_grad(query) if self.negatives_cross_device else (query, 0)
-            back = positive @ queries.T / self.temperature
-            back_labels = torch.arange(query.shape[0], device=query.device) + q_offset
-            loss = (loss + masked_cross_entropy(back, back_labels, self.criterion)) / 2
+            loss = (loss + self._document_to_query_loss(query, positive, positive_ids)) / 2
         return loss
+
+    def _document_to_query_loss(self, query, positive, positive_ids):
+        """Each positive against all (gathered) queries; a query whose own positive is the same text
+        is masked, as in the query -> document direction."""
+        if self.negatives_cross_device:
+            (queries, offset), query_ids = gather_with_grad(query), gather_ids(positive_ids)
+        else:
+            queries, offset, query_ids = query, 0, positive_ids
+        scores = positive @ queries.T / self.temperature
+        labels = torch.arange(query.shape[0], device=query.device) + offset
+        scores = _mask_duplicates(scores, labels, positive_ids, query_ids)
+        return masked_cross_entropy(scores, labels, self.criterion)
 
     def _candidates(self, positive, negative, positive_ids, negative_ids):
         pieces, ids = [positive], [positive_ids]

@@ -30,9 +30,9 @@ class SimCSE(InfoNCE):
     """
 
     def __init__(self, criterion: Optional[nn.Module] = None, temperature: float = 0.05,
-                 negatives_cross_device: bool = False) -> None:
+                 negatives_cross_device: bool = False, similarity: str = "cosine") -> None:
         super().__init__(criterion, temperature=temperature, use_inbatch_negative=True,
-                         negatives_cross_device=negatives_cross_device)
+                         negatives_cross_device=negatives_cross_device, similarity=similarity)
 
     def forward(self, query: torch.Tensor, positive: Optional[torch.Tensor] = None,
                 negative: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:

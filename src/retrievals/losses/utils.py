@@ -71,6 +71,25 @@ def flatten_negatives(negative: Optional[torch.Tensor], batch: int) -> Optional[
     return negative
 
 
+SIMILARITIES = ("cosine", "dot")
+
+
+def check_similarity(name: str) -> str:
+    """``cosine`` or ``dot``; an unknown name raises an error listing the valid ones."""
+    key = str(name).lower()
+    if key not in SIMILARITIES:
+        raise ValueError(f"Unknown similarity {name!r}; valid names are: {', '.join(SIMILARITIES)}")
+    return key
+
+
+def for_similarity(tensor: Optional[torch.Tensor], similarity: str) -> Optional[torch.Tensor]:
+    """L2-normalise ``tensor`` along its last dimension for ``cosine`` (so a temperature means the
+    same for every model, normalised or not); unchanged for ``dot`` or ``None``."""
+    if tensor is None or similarity == "dot":
+        return tensor
+    return torch.nn.functional.normalize(tensor, p=2, dim=-1)
+
+
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = torch.nn.functional.normalize(a, dim=-1)
     b = torch.nn.functional.normalize(b, dim=-1)

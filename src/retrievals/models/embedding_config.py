@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from .pooling import canonical_pooling_name
 
@@ -77,7 +78,21 @@ class EmbeddingConfig:
         write_sentence_transformers_files(self, directory, dimension)
 
 
-def _read_json(path: str) -> Dict[str, Any]:
+FileLocator = Callable[[str], Optional[str]]
+"""Maps a file's path inside a model (``"1_Pooling/config.json"``) to a local file, or ``None`` if absent."""
+
+
+def folder_locator(directory: str) -> FileLocator:
+    """A :data:`FileLocator` for a model directory on disk."""
+
+    def locate(relative: str) -> Optional[str]:
+        path = os.path.join(directory, *relative.split("/"))
+        return path if os.path.isfile(path) else None
+
+    return locate
+
+
+def _read_json(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -85,49 +100,69 @@ def _read_json(path: str) -> Dict[str, Any]:
         raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
 
 
-def load_saved_settings(directory: str) -> Dict[str, Any]:
-    """Settings saved in ``directory``: ours if present, else those of sentence-transformers."""
-    ours = os.path.join(directory, CONFIG_NAME)
-    if os.path.isfile(ours):
+def load_saved_settings(directory: str, locate: Optional[FileLocator] = None) -> Dict[str, Any]:
+    """Settings saved with a model: ours if present, else those of sentence-transformers.
+
+    ``directory`` names the model (a folder, or a hub id in messages); ``locate`` finds its files
+    (default: in the folder ``directory``; see :func:`retrievals.models.loading.hub_file_locator`).
+    """
+    locate = locate or folder_locator(directory)
+    ours = locate(CONFIG_NAME)
+    if ours:
         return _read_json(ours)
-    if os.path.isfile(os.path.join(directory, "modules.json")):
-        return read_sentence_transformers_settings(directory)
+    if locate("modules.json"):
+        return read_sentence_transformers_settings(directory, locate)
     return {}
 
 
-def read_sentence_transformers_settings(directory: str) -> Dict[str, Any]:
-    modules = _read_json(os.path.join(directory, "modules.json"))
+def read_sentence_transformers_settings(directory: str, locate: Optional[FileLocator] = None) -> Dict[str, Any]:
+    """Pooling, normalisation, max length and prompts from sentence-transformers' files."""
+    locate = locate or folder_locator(directory)
+    modules_file = locate("modules.json")
+    if not modules_file:
+        raise FileNotFoundError(f"{directory}: modules.json is missing")
+    modules = _read_json(modules_file)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ValueError(f"{modules_file}: expected a JSON list of module objects")
     settings: Dict[str, Any] = {"normalize_embeddings": False}
     for module in modules:
-        kind = module.get("type", "")
-        sub = module.get("path", "")
+        kind, sub = module.get("type", ""), module.get("path", "")
         if os.path.isabs(sub) or ".." in sub.replace("\\", "/").split("/"):
-            raise ValueError(f"{directory}/modules.json: module path {sub!r} leaves the model directory")
+            raise ValueError(f"{modules_file}: module path {sub!r} leaves the model directory")
         if kind.endswith("models.Pooling"):
-            pooling = _read_json(os.path.join(directory, sub, "config.json"))
-            chosen = [name for name, key in ST_POOLING_KEYS.items() if pooling.get(key)]
-            if len(chosen) != 1:
-                raise ValueError(
-                    f"{directory}/{sub}/config.json: expected exactly one pooling mode, found {chosen or 'none'}"
-                )
-            settings["pooling_method"] = chosen[0]
+            settings["pooling_method"] = _read_pooling(directory, locate, posixpath.join(sub, "config.json"))
         elif kind.endswith("models.Normalize"):
             settings["normalize_embeddings"] = True
         elif kind.endswith("models.Transformer"):
-            bert_cfg = os.path.join(directory, sub, "sentence_bert_config.json")
-            if os.path.isfile(bert_cfg):
-                max_len = _read_json(bert_cfg).get("max_seq_length")
-                if max_len:
-                    settings["max_length"] = int(max_len)
-    st_cfg = os.path.join(directory, "config_sentence_transformers.json")
-    if os.path.isfile(st_cfg):
-        prompts = _read_json(st_cfg).get("prompts") or {}
-        if prompts.get("query"):
-            settings["query_instruction"] = prompts["query"]
-        for key in ("document", "passage", "corpus"):
-            if prompts.get(key):
-                settings["document_instruction"] = prompts[key]
-                break
+            bert_cfg = locate(posixpath.join(sub, "sentence_bert_config.json"))
+            max_len = _read_json(bert_cfg).get("max_seq_length") if bert_cfg else None
+            if max_len:
+                settings["max_length"] = int(max_len)
+    st_cfg = locate("config_sentence_transformers.json")
+    settings.update(_read_prompts(st_cfg) if st_cfg else {})
+    return settings
+
+
+def _read_pooling(directory: str, locate: FileLocator, relative: str) -> str:
+    path = locate(relative)
+    if not path:
+        raise FileNotFoundError(f"{directory}/{relative} is missing (modules.json names a Pooling module there)")
+    pooling = _read_json(path)
+    chosen = [name for name, key in ST_POOLING_KEYS.items() if pooling.get(key)]
+    if len(chosen) != 1:
+        raise ValueError(f"{path}: expected exactly one pooling mode, found {chosen or 'none'}")
+    return chosen[0]
+
+
+def _read_prompts(path: str) -> Dict[str, str]:
+    prompts = _read_json(path).get("prompts") or {}
+    settings = {}
+    if prompts.get("query"):
+        settings["query_instruction"] = prompts["query"]
+    for key in ("document", "passage", "corpus"):
+        if prompts.get(key):
+            settings["document_instruction"] = prompts[key]
+            break
     return settings
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .embedding_config import EmbeddingConfig, load_saved_settings
-from .loading import ensure_pad_token, is_decoder_model, load_backbone, resolve_source, tokenizer_appends_eos
+from .loading import ensure_pad_token, hub_file_locator, is_decoder_model, load_backbone, resolve_source, tokenizer_appends_eos
 from .pooling import Pooling
 from .precision import autocast_context, canonical_precision, resolve_precision
 from .similarity import similarity
@@ -73,7 +73,7 @@ class AutoModelForEmbedding(nn.Module):
 
         path, is_local = resolve_source(str(model_name_or_path), kwargs)
         quantization = prepare_quantization(quantization, kwargs, device)
-        saved = load_saved_settings(path) if is_local else {}
+        saved = load_saved_settings(path, None if is_local else hub_file_locator(path, kwargs))
         backbone, tokenizer = load_backbone(path, is_local, trust_remote_code, kwargs)
         embeddings = backbone.get_input_embeddings()
         ensure_pad_token(tokenizer, getattr(embeddings, "num_embeddings", None))

@@ -10,11 +10,16 @@ from typing import Any, Dict, Optional, Tuple
 
 from transformers import AutoModel, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.utils.hub import cached_file
+
+from .embedding_config import FileLocator
 
 logger = logging.getLogger(__name__)
 
 # Keyword arguments that also concern the tokenizer (everything else goes to the model only).
 TOKENIZER_KWARGS = ("gguf_file", "revision", "token", "cache_dir", "local_files_only", "subfolder")
+# Keyword arguments that say where and how to fetch a hub repository's files.
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download", "proxies")
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -35,6 +40,22 @@ def resolve_source(name_or_path: str, kwargs: Dict[str, Any]) -> Tuple[str, bool
     if looks_like_local_path(str(name_or_path)):
         raise FileNotFoundError(f"Model path {path!r} does not exist")
     return str(name_or_path), False
+
+
+def hub_file_locator(repo_id: str, kwargs: Dict[str, Any]) -> FileLocator:
+    """A :data:`~retrievals.models.embedding_config.FileLocator` for the files of hub repository ``repo_id``.
+
+    Files are resolved the way transformers resolves the weights: through the HF cache (downloaded on
+    first use; offline, the cache only), honouring ``revision``, ``cache_dir``, ``token``,
+    ``local_files_only`` and ``subfolder`` in ``kwargs``. A file the repository lacks is ``None``.
+    """
+    options = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+
+    def locate(relative: str) -> Optional[str]:
+        return cached_file(repo_id, relative, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **options)
+
+    return locate
 
 
 def check_local_weights(path: str, kwargs: Dict[str, Any]) -> None:

@@ -64,6 +64,10 @@ class DataArguments:
     skip_invalid: bool = field(default=False, metadata={"help": "Skip (and count) invalid records instead of failing"})
     eval_data_dir: Optional[str] = field(default=None, metadata={"help": "BEIR-layout folder for --do_eval/--do_encode"})
     eval_split: str = field(default="test")
+    dev_data_dir: Optional[str] = field(default=None, metadata={
+        "help": "BEIR-layout folder evaluated during training with --eval_strategy steps|epoch (default: "
+                "--eval_data_dir); its metrics are eval_ndcg@10 ... for --metric_for_best_model ndcg@10"})
+    dev_split: str = field(default="dev", metadata={"help": "qrels split of --dev_data_dir used during training"})
     pos_scores_key: str = field(default="pos_scores", metadata={
         "help": "Teacher scores of the positives (list aligned with --positive_key) for --loss_fn listwise_kl/margin_mse"})
     neg_scores_key: str = field(default="neg_scores", metadata={
@@ -74,6 +78,8 @@ class DataArguments:
 class EmbedTrainingArguments(TrainingArguments):
     loss_fn: str = field(default="infonce", metadata={"help": "Loss name (see retrievals.losses.LOSSES)"})
     temperature: float = field(default=0.05)
+    similarity: str = field(default="cosine", metadata={
+        "help": "Scores of infonce/simcse/listwise_kl: cosine (embeddings normalised in the loss) or dot"})
     teacher_temperature: float = field(default=1.0, metadata={"help": "Teacher score temperature for listwise_kl"})
     use_inbatch_negative: bool = field(default=True)
     negatives_cross_device: bool = field(default=False, metadata={"help": "Gather documents from all ranks"})
@@ -90,10 +96,22 @@ class EmbedTrainingArguments(TrainingArguments):
         "help": "--do_eval also at these embedding sizes, e.g. 384,256,128,64 (nDCG@10 per size)"})
 
     def __post_init__(self) -> None:
-        if self.fp16 and not torch.cuda.is_available():
-            fallback = cpu_has_fast_bf16()
-            logger.warning("--fp16 needs a CUDA device; training on CPU with %s", "bf16" if fallback else "fp32")
-            self.fp16, self.bf16 = False, fallback
+        # The Trainer turns do_eval on for any --eval_strategy; the final test evaluation runs only when asked.
+        self.final_eval = bool(self.do_eval)
+        self._cpu_precision()
         if self.report_to is None or self.report_to == "all":
             self.report_to = []
         super().__post_init__()
+
+    def _cpu_precision(self) -> None:
+        """Without CUDA (or with ``--use_cpu``), ``--fp16`` / ``--bf16`` mean bf16 autocast on this CPU where
+        it has bf16 units, fp32 with a warning where not: the seed's commands run unchanged on a CPU-only
+        machine. ``--use_cpu --bf16`` given together is kept as asked."""
+        on_cpu = self.use_cpu or not torch.cuda.is_available()
+        if not on_cpu or not (self.fp16 or self.bf16) or (self.bf16 and self.use_cpu):
+            return
+        asked = "--fp16" if self.fp16 else "--bf16"
+        fast = cpu_has_fast_bf16()
+        logger.warning("%s on CPU: training %s", asked, "with bf16 autocast" if fast else
+                       "in fp32 (this CPU has no fast bf16 units)")
+        self.fp16, self.bf16, self.use_cpu = False, fast, True

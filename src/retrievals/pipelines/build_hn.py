@@ -4,7 +4,10 @@
         --output_file train_hn.jsonl --positive_key positive --negative_key negative \\
         --range_for_sampling 2-200 --negative_number 15 [--candidate_pool corpus.jsonl]
 
-``--candidate_pool`` is a JSONL file of ``{"text": ...}`` records (a ``title`` is prepended when present).
+``--candidate_pool`` is a JSONL file of ``{"_id", "title", "text"}`` records (``_id`` and ``title`` optional;
+the title is prepended when present). A pool document is never mined as a negative of a record whose
+positive equals it with or without its title; ``--positive_id_key pos_ids`` also bans the pool
+documents whose ``_id`` the record lists in ``pos_ids``.
 
 ``--teacher_model_name_or_path TEACHER`` then scores every positive and negative with a teacher (a
 bi-encoder saved by this package, or a ``...ForSequenceClassification`` cross-encoder) and writes
@@ -19,11 +22,11 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from ..data.jsonl import iter_jsonl, require_str
-from ..data.records import text_field, text_list_field
-from ..mining.hard_negatives import mine_hard_negatives, parse_range
+from ..data.records import InvalidRecord, text_field, text_list_field
+from ..mining.hard_negatives import PoolDocument, mine_hard_negatives, parse_range
 from ..mining.teacher import load_teacher, score_records
 from ..models.embedding_model import AutoModelForEmbedding
 from .arguments import unescape
@@ -43,7 +46,13 @@ class BuildHNArguments:
     negative_key: str = field(default="negative")
     range_for_sampling: str = field(default="2-200", metadata={"help": "Ranks to sample from, 'start-end'"})
     negative_number: int = field(default=15)
-    candidate_pool: Optional[str] = field(default=None, metadata={"help": "JSONL of {text} forming the corpus"})
+    candidate_pool: Optional[str] = field(default=None, metadata={
+        "help": "JSONL of {_id, title, text} forming the corpus (_id and title optional)"})
+    positive_id_key: Optional[str] = field(default=None, metadata={
+        "help": "Input field listing the pool _ids of each record's positives, banned as negatives (default: none; "
+                "positives are matched on their text only)"})
+    pooling_method: Optional[str] = field(default=None, metadata={
+        "help": "Pooling of the mining model (cls, mean, max, weightedmean, last); default: the model's saved one"})
     query_instruction: Optional[str] = field(default=None)
     document_instruction: Optional[str] = field(default=None)
     batch_size: int = field(default=64)
@@ -64,39 +73,73 @@ class BuildHNArguments:
             raise ValueError("--score_only needs --teacher_model_name_or_path")
         if not self.score_only and not self.model_name_or_path:
             raise ValueError("--model_name_or_path is required (the model that mines negatives) unless --score_only")
+        if self.positive_id_key and not self.score_only and not self.candidate_pool:
+            raise ValueError("--positive_id_key needs a --candidate_pool whose records have '_id' fields")
 
 
 def read_input(args: BuildHNArguments) -> List[dict]:
-    records = []
+    records, with_ids = [], 0
     for line_no, record in iter_jsonl(args.input_file):
         origin = f"{args.input_file}:{line_no}"
         text_field(record, args.query_key, origin)
         text_list_field(record, args.positive_key, origin)
         text_list_field(record, args.negative_key, origin, required=False)
+        if args.positive_id_key and not args.score_only:
+            with_ids += bool(id_list_field(record, args.positive_id_key, origin))
         records.append(record)
     if not records:
         raise ValueError(f"{args.input_file}: 0 records")
+    if args.positive_id_key and not args.score_only and not with_ids:
+        raise ValueError(f"{args.input_file}: no record has the field {args.positive_id_key!r} (--positive_id_key)")
     return records
 
 
-def read_pool(path: str) -> List[str]:
-    texts = []
+def id_list_field(record: Dict[str, Any], key: str, origin: str) -> List[str]:
+    """Ids in ``record[key]``: one or a list, each a string or an integer; ``[]`` when absent."""
+    value = record.get(key)
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    for i, item in enumerate(items):
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            where = f"{key!r}[{i}]" if isinstance(value, list) else repr(key)
+            raise InvalidRecord(f"{origin}: field {where} must be a string or an integer, got {type(item).__name__}")
+    return [str(item) for item in items]
+
+
+def read_pool(path: str, require_ids: bool = False) -> List[PoolDocument]:
+    """The candidate pool's documents; ``_id`` (a string or an integer) is required with ``require_ids``."""
+    docs = []
     for line_no, record in iter_jsonl(path):
         text = require_str(record, "text", path, line_no)
         title = record.get("title")
-        texts.append(f"{title} {text}" if isinstance(title, str) and title.strip() else text)
-    return texts
+        if title is not None and not isinstance(title, str):
+            raise ValueError(f"{path}:{line_no}: field 'title' must be a string, got {type(title).__name__}")
+        docs.append(PoolDocument(text=text, title=title or "", doc_id=_pool_id(record, path, line_no, require_ids)))
+    return docs
+
+
+def _pool_id(record: Dict[str, Any], path: str, line_no: int, required: bool) -> Optional[str]:
+    doc_id = record.get("_id")
+    if doc_id is None or doc_id == "":
+        if required:
+            raise ValueError(f"{path}:{line_no}: missing field '_id' (needed by --positive_id_key)")
+        return None
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+        raise ValueError(f"{path}:{line_no}: field '_id' must be a string or an integer, got {type(doc_id).__name__}")
+    return str(doc_id)
 
 
 def mine(args: BuildHNArguments, records: List[dict]) -> List[dict]:
     value_range = parse_range(args.range_for_sampling)
-    pool = read_pool(args.candidate_pool) if args.candidate_pool else None
-    model = AutoModelForEmbedding.from_pretrained(args.model_name_or_path,
+    pool = read_pool(args.candidate_pool, require_ids=bool(args.positive_id_key)) if args.candidate_pool else None
+    model = AutoModelForEmbedding.from_pretrained(args.model_name_or_path, pooling_method=args.pooling_method,
                                                   query_instruction=unescape(args.query_instruction),
                                                   document_instruction=unescape(args.document_instruction))
     return mine_hard_negatives(model, records, pool, query_key=args.query_key, positive_key=args.positive_key,
                                negative_key=args.negative_key, range_for_sampling=value_range,
-                               negative_number=args.negative_number, seed=args.seed, batch_size=args.batch_size)
+                               negative_number=args.negative_number, seed=args.seed, batch_size=args.batch_size,
+                               positive_id_key=args.positive_id_key)
 
 
 def run_build_hn(args: BuildHNArguments) -> List[dict]:

@@ -20,7 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..data.beir import load_beir
 from ..data.collators import RetrievalCollator, ScoredPairCollator
 from ..data.datasets import RetrievalDataset, ScoredPairDataset
-from ..evaluation.retrieval import evaluate_dims, evaluate_retrieval
+from ..evaluation.retrieval import RetrievalEvaluator, evaluate_dims, evaluate_retrieval
 from ..losses import CachedLoss, CrossBatchMemory, MatryoshkaLoss, get_loss
 from ..losses.matryoshka import parse_dims
 from ..models.embedding_model import AutoModelForEmbedding
@@ -33,6 +33,7 @@ from .multi_vector import evaluate_multi_vector, maxsim_loss_kwargs, wrap_multi_
 logger = logging.getLogger(__name__)
 
 SCORED_LOSSES = {"cosent"}
+PAIRLESS_EVAL_LOSSES = {"listwise_kl", "margin_mse", "arcface"}
 
 
 def load_model(model_args: ModelArguments) -> AutoModelForEmbedding:
@@ -59,13 +60,15 @@ def build_loss(args: EmbedTrainingArguments):
     kwargs: Dict[str, Any] = {}
     name = args.loss_fn.lower()
     if name in ("infonce", "simcse"):
-        kwargs = {"temperature": args.temperature, "negatives_cross_device": args.negatives_cross_device}
+        kwargs = {"temperature": args.temperature, "negatives_cross_device": args.negatives_cross_device,
+                  "similarity": args.similarity}
         if name == "infonce":
             kwargs["use_inbatch_negative"] = args.use_inbatch_negative
     elif name == "logistic":
         kwargs = {"temperature": args.temperature}
     elif name == "listwise_kl":
-        kwargs = {"temperature": args.temperature, "teacher_temperature": args.teacher_temperature}
+        kwargs = {"temperature": args.temperature, "teacher_temperature": args.teacher_temperature,
+                  "similarity": args.similarity}
     kwargs.update(maxsim_loss_kwargs(args) if name == "maxsim" else {})
     loss = get_loss(name, **kwargs)
     if args.memory_bank_size:
@@ -116,6 +119,25 @@ def check_output_dir(args: EmbedTrainingArguments) -> Optional[str]:
     return last
 
 
+def dev_evaluation(data_args: DataArguments, args: EmbedTrainingArguments) -> Dict[str, Any]:
+    """With ``--eval_strategy steps|epoch``: the BEIR dev split as an evaluator (``eval_ndcg@10`` ...) and
+    its (query, relevant document) pairs as the eval-loss dataset (for the losses trained from pairs)."""
+    if args.eval_strategy == "no":
+        return {}
+    folder = data_args.dev_data_dir or data_args.eval_data_dir
+    if not folder:
+        raise ValueError(f"--eval_strategy {args.eval_strategy.value} needs --dev_data_dir (or --eval_data_dir): "
+                         "a BEIR-layout folder with qrels/{--dev_split}.tsv")
+    data = load_beir(folder, split=data_args.dev_split)
+    texts = dict(zip(data.corpus_ids(), data.corpus_texts()))
+    pairs = [{"query": data.queries[qid], "positive": [texts[d] for d, rel in docs.items() if rel > 0 and d in texts]}
+             for qid, docs in data.qrels.items()]
+    pairs = [p for p in pairs if p["positive"]]
+    if args.loss_fn.lower() in SCORED_LOSSES | PAIRLESS_EVAL_LOSSES:
+        pairs = []  # these losses need labels / teacher scores that dev pairs do not have
+    return {"evaluator": RetrievalEvaluator(data), "eval_dataset": RetrievalDataset(pairs) if pairs else None}
+
+
 def train(model, model_args, data_args, args: EmbedTrainingArguments) -> RetrievalTrainer:
     dataset, collator_cls = build_dataset(data_args, args.loss_fn)
     if len(dataset) < args.per_device_train_batch_size * max(1, args.world_size) and args.dataloader_drop_last:
@@ -124,7 +146,7 @@ def train(model, model_args, data_args, args: EmbedTrainingArguments) -> Retriev
     collator = collator_cls(model.tokenizer, query_max_length=model_args.query_max_length,
                             document_max_length=model_args.document_max_length)
     trainer = RetrievalTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                               loss_fn=build_loss(args))
+                               loss_fn=build_loss(args), **dev_evaluation(data_args, args))
     trainer.train(resume_from_checkpoint=check_output_dir(args))
     return trainer
 
@@ -170,9 +192,10 @@ def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedT
             raise ValueError("--do_encode needs --eval_data_dir (a BEIR-layout folder)")
         os.makedirs(args.output_dir, exist_ok=True)
         result["embeddings_file"] = encode_corpus_to_disk(model, data_args.eval_data_dir, args.output_dir)
-    if args.do_eval and isinstance(model, MultiVectorModel):
+    final_eval = getattr(args, "final_eval", args.do_eval)
+    if final_eval and isinstance(model, MultiVectorModel):
         return evaluate_multi_vector(model, data_args, result)
-    if args.do_eval:
+    if final_eval:
         if not data_args.eval_data_dir:
             raise ValueError("--do_eval needs --eval_data_dir (a BEIR-layout folder)")
         data = load_beir(data_args.eval_data_dir, split=data_args.eval_split)

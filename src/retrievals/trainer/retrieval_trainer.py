@@ -1,15 +1,17 @@
 """``RetrievalTrainer``: the Hugging Face ``Trainer`` with an embedding loss.
 
-It overrides only what it must: ``compute_loss`` (embed each side, call ``loss_fn``), saving
-(``save_pretrained`` of the embedding model, so checkpoints load with ``from_pretrained``) and
-loading a checkpoint to resume. Distributed training comes from the Trainer itself (``torchrun``).
+It overrides only what it must: ``compute_loss`` (embed each side, call ``loss_fn``),
+``prediction_step`` (the eval loss), ``evaluate`` (adds an optional evaluator's metrics), saving
+(``save_pretrained`` of the embedding model plus the loss's own parameters, so checkpoints load with
+``from_pretrained`` and resume exactly) and loading a checkpoint. Distributed training comes from
+the Trainer itself (``torchrun``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -18,9 +20,11 @@ from transformers import Trainer
 from ..losses import InfoNCE
 from ..losses.simcse import inputs_to_embed
 from ..losses.utils import LOSS_EXTRAS, SIDES
+from .callbacks import EpochSamplingCallback, LossGradientCallback
 
 logger = logging.getLogger(__name__)
 
+LOSS_STATE_NAME = "loss_state.safetensors"  # the loss's own parameters and buffers, beside the weights
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,20 +37,46 @@ class RetrievalTrainer(Trainer):
     ``loss_fn`` defaults to in-batch ``InfoNCE``. Collators with unset instruction / EOS fields
     take them from the model's config. ``remove_unused_columns`` is forced off (collators read the
     raw text columns). Assigning ``trainer.scheduler`` (the seed's spelling) sets ``lr_scheduler``.
+
+    ``evaluator`` (optional): a callable ``evaluator(model) -> {"ndcg@10": ..., ...}`` (e.g.
+    :class:`retrievals.evaluation.RetrievalEvaluator` over a BEIR dev split) whose metrics join
+    ``evaluate()``'s as ``eval_ndcg@10`` ..., so ``eval_strategy``, ``metric_for_best_model`` and
+    ``load_best_model_at_end`` work on them; with an evaluator, ``eval_dataset`` (eval loss) is optional.
+
+    A training dataset with ``set_epoch`` (``RetrievalDataset``, ``ListwiseDataset``) is told each
+    epoch, so sampled negatives and positives change between epochs. The loss counts as the mean over
+    each batch; gradient accumulation divides it by the number of accumulated batches, whatever
+    columns (``labels``) the batches carry.
     """
 
-    def __init__(self, model: nn.Module = None, args=None, loss_fn: Optional[nn.Module] = None, **kwargs: Any):
+    def __init__(self, model: nn.Module = None, args=None, loss_fn: Optional[nn.Module] = None,
+                 evaluator: Optional[Callable[[nn.Module], Dict[str, float]]] = None, **kwargs: Any):
         collator = kwargs.get("data_collator")
         if collator is not None and hasattr(collator, "with_model_config") and hasattr(model, "embedding_config"):
-            kwargs["data_collator"] = collator.with_model_config(model.embedding_config)
+            pad_id = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+            kwargs["data_collator"] = collator.with_model_config(model.embedding_config, pad_token_id=pad_id)
         if args is not None and getattr(args, "remove_unused_columns", False):
             logger.info("RetrievalTrainer sets remove_unused_columns=False (collators need the text columns)")
             args.remove_unused_columns = False
+        self.evaluator = evaluator
+        if evaluator is not None and kwargs.get("eval_dataset") is None:
+            kwargs["eval_dataset"] = []  # no eval loss; the Trainer only needs something to evaluate
         super().__init__(model=model, args=args, **kwargs)
+        # Our loss is a mean over the batch: the Trainer must divide it by the accumulation steps itself
+        # (with True it would expect the model to use num_items_in_batch whenever batches carry labels).
+        self.model_accepts_loss_kwargs = False
         self.loss_fn = loss_fn if loss_fn is not None else InfoNCE()
+        if hasattr(self.train_dataset, "set_epoch"):
+            if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
+                logger.warning("persistent dataloader workers keep their own copy of the dataset: sampled "
+                               "negatives will not change between epochs")
+            self.add_callback(EpochSamplingCallback(self.train_dataset))
         if isinstance(self.loss_fn, nn.Module) and any(p.requires_grad for p in self.loss_fn.parameters()):
             logger.info("loss_fn has trainable parameters; add them to the optimizer (done automatically "
                         "when the trainer creates it)")
+            self.add_callback(LossGradientCallback(self.loss_fn))
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a batch mean; the Trainer divides by accumulation steps
 
     # The seed assigns ``trainer.scheduler``; the Trainer reads ``lr_scheduler``.
     @property
@@ -91,6 +121,32 @@ class RetrievalTrainer(Trainer):
             )
         return (loss, embeddings) if return_outputs else loss
 
+    def prediction_step(self, model, inputs: Dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: Optional[List[str]] = None) -> Tuple[torch.Tensor, None, None]:
+        """The eval loss of one batch (the same loss as training, without gradients)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluate(self, eval_dataset=None, ignore_keys: Optional[List[str]] = None,
+                 metric_key_prefix: str = "eval") -> Dict[str, float]:
+        """The eval loss (when there is an eval dataset) plus the evaluator's metrics, logged once."""
+        if self.evaluator is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        metrics: Dict[str, float] = {}
+        if dataset is not None and len(dataset) > 0:
+            output = self.evaluation_loop(self.get_eval_dataloader(dataset), description="Evaluation",
+                                          prediction_loss_only=True, ignore_keys=ignore_keys,
+                                          metric_key_prefix=metric_key_prefix)
+            metrics.update(output.metrics)
+        found = self.evaluator(self.accelerator.unwrap_model(self.model))
+        metrics.update({f"{metric_key_prefix}_{k}": float(v) for k, v in found.items()})
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
@@ -98,7 +154,34 @@ class RetrievalTrainer(Trainer):
         if not hasattr(model, "save_pretrained"):
             raise TypeError(f"{type(model).__name__} has no save_pretrained; pass an AutoModelForEmbedding")
         model.save_pretrained(output_dir)
+        self._save_loss_state(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_loss_state(self, output_dir: str) -> None:
+        """Parameters and buffers of the loss (ArcFace class centres ...), so a resume restores them."""
+        from safetensors.torch import save_file
+
+        state = self.loss_fn.state_dict() if isinstance(self.loss_fn, nn.Module) else {}
+        if state:
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                      os.path.join(output_dir, LOSS_STATE_NAME))
+
+    def _load_loss_state(self, checkpoint: str) -> None:
+        from safetensors.torch import load_file
+
+        state = self.loss_fn.state_dict() if isinstance(self.loss_fn, nn.Module) else {}
+        if not state:
+            return
+        path = os.path.join(checkpoint, LOSS_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{checkpoint} has no {LOSS_STATE_NAME}, but the loss has parameters "
+                                    f"({', '.join(list(state)[:4])}); it was saved by another loss or an older version")
+        self.loss_fn.load_state_dict(load_file(path))
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: our checkpoints hold the backbone's weights (not the wrapper's)."""
+        logger.info("Loading best model from %s (score: %s)", self.state.best_model_checkpoint, self.state.best_metric)
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         from safetensors.torch import load_file
@@ -106,6 +189,7 @@ class RetrievalTrainer(Trainer):
         from ..models.lora import is_peft_model, load_adapter_weights
 
         model = model or self.model
+        self._load_loss_state(resume_from_checkpoint)
         if hasattr(model, "load_projection"):  # a multi-vector head, saved beside the backbone
             model.load_projection(resume_from_checkpoint, required=True)
         if is_peft_model(model.model):
