@@ -239,3 +239,29 @@ def test_embed_keeps_the_best_checkpoint_by_dev_ndcg(tiny_bert_dir, tiny_beir_di
     final = AutoModelForEmbedding.from_pretrained(out, precision="fp32")
     kept = AutoModelForEmbedding.from_pretrained(state["best_model_checkpoint"], precision="fp32")
     np.testing.assert_allclose(final.encode(["cat sky", "the sun"]), kept.encode(["cat sky", "the sun"]), atol=1e-6)
+
+
+# ---------------------------------------------------------------- TripletCollator on its own
+def test_triplet_collator_tokens_ids_and_errors(tiny_bert_dir):
+    from retrievals import TripletCollator
+    from retrievals.data.collators import text_ids
+
+    model = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, pooling_method="mean", query_instruction="query ")
+    collator = TripletCollator(model.tokenizer, query_max_length=6, document_max_length=5).with_model_config(
+        model.embedding_config)
+    items = [{"query": "cat", "positive": "the cat", "negative": ["the dog", "the fish sky sun moon ocean"]},
+             {"query": "sun moon", "positive": ["the sun", "ignored"], "negative": ["the moon", "the cat"]}]
+    batch = collator(items)
+    negatives = ["the dog", "the fish sky sun moon ocean", "the moon", "the cat"]
+    assert batch["negative"]["input_ids"].shape[0] == 4
+    for row, text in enumerate(negatives):
+        ids = model.tokenize([text], max_length=5)[0]
+        assert batch["negative"]["input_ids"][row, :len(ids)].tolist() == ids
+        assert batch["negative"]["attention_mask"][row].sum().item() == len(ids)
+    assert batch["query"]["input_ids"][1].tolist()[:4] == model.tokenize(["sun moon"], is_query=True)[0][:4]
+    assert batch["positive_ids"].tolist() == text_ids(["the cat", "the sun"]).tolist()
+    assert batch["negative_ids"].tolist() == text_ids(negatives).tolist()
+    single = collator([{"query": "cat", "positive": "the cat", "negative": "the dog"}])
+    assert single["negative"]["input_ids"].shape[0] == 1
+    with pytest.raises(ValueError, match=r"same, non-zero number of negatives; got sizes \[1, 2\]"):
+        collator([items[0], {"query": "x", "positive": "y", "negative": ["z"]}])

@@ -20,8 +20,9 @@ class ArcFaceAdaptiveMarginLoss(nn.Module):
     Args: ``in_features`` (embedding size), ``out_features`` (number of classes), ``scale``,
     ``margin``, ``class_counts`` (optional ``[C]``), ``criterion`` (default cross-entropy).
     Inputs: ``embeddings`` ``[B, D]`` (the query side), ``labels`` ``[B]`` integer classes; scalar.
-    The class weights are parameters of this module: give them to the optimizer (layer-wise
-    learning rates are usual: ``arc_weight_lr``, larger than the encoder's).
+    The class weights are parameters of this module: ``RetrievalTrainer`` adds them to the optimizer
+    (as their own parameter group, at the Trainer's learning rate), saves them with every checkpoint
+    and restores them on resume; with your own optimizer, pass ``loss_fn.parameters()`` to it too.
     """
 
     def __init__(self, in_features: int, out_features: int, scale: float = 30.0, margin: float = 0.3,
