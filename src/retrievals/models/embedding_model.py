@@ -105,7 +105,7 @@ class AutoModelForEmbedding(nn.Module):
         """Move to ``device`` (default: CUDA when available); on CUDA, half precision casts the weights."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.to(device)
-        resolved = resolve_precision(self.precision, device)
+        resolved = resolve_precision(self.precision, device, owner=self)
         if device.type == "cuda" and resolved in ("fp16", "bf16") and self.dtype == torch.float32:
             self.to({"fp16": torch.float16, "bf16": torch.bfloat16}[resolved])
         return self
@@ -244,7 +244,7 @@ class AutoModelForEmbedding(nn.Module):
             return out
         if max_batch_tokens is None and device.type == "cpu":
             max_batch_tokens = DEFAULT_CPU_BATCH_TOKENS
-        resolved = resolve_precision(precision or self.precision, device)
+        resolved = resolve_precision(precision or self.precision, device, owner=self)
         was_training = self.training
         self.eval()
         try:

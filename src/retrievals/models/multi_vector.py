@@ -194,7 +194,7 @@ class MultiVectorModel(nn.Module):
         device = self.device
         if max_batch_tokens is None and device.type == "cpu":
             max_batch_tokens = DEFAULT_CPU_BATCH_TOKENS
-        resolved = resolve_precision(precision or self.embedder.precision, device)
+        resolved = resolve_precision(precision or self.embedder.precision, device, owner=self.embedder)
         special = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
         out: List[Optional[torch.Tensor]] = [None] * len(ids)
         was_training = self.training

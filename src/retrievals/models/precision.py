@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import weakref
 from typing import ContextManager, Optional
 
 import torch
@@ -18,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+_WARNED_FP16_ON_CPU: weakref.WeakSet = weakref.WeakSet()  # models already told that fp16 falls back on CPU
 
 
 @functools.cache
@@ -41,8 +43,11 @@ def canonical_precision(name: str) -> str:
     return key
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """Turn ``auto`` (or an unsupported request) into the precision actually used on ``device``."""
+def resolve_precision(name: str, device: torch.device, owner: Optional[object] = None) -> str:
+    """Turn ``auto`` (or an unsupported request) into the precision actually used on ``device``.
+
+    The fp16-on-CPU fallback is logged once per ``owner`` (the model; every call when none is given),
+    not on every ``encode``."""
     key = canonical_precision(name)
     if device.type == "cuda":
         if key == "auto":
@@ -53,10 +58,21 @@ def resolve_precision(name: str, device: torch.device) -> str:
             return "bf16" if cpu_has_fast_bf16() else "fp32"
         if key == "fp16":
             fallback = "bf16" if cpu_has_fast_bf16() else "fp32"
-            logger.warning("fp16 is slow on CPU; using %s instead", fallback)
+            if _first_time(owner):
+                logger.warning("fp16 is slow on CPU; using %s instead", fallback)
             return fallback
         return key
     return "fp32" if key == "auto" else key
+
+
+def _first_time(owner: Optional[object]) -> bool:
+    """True on the first call for ``owner`` (always for ``None``), then False."""
+    if owner is None:
+        return True
+    if owner in _WARNED_FP16_ON_CPU:
+        return False
+    _WARNED_FP16_ON_CPU.add(owner)
+    return True
 
 
 def autocast_context(precision: str, device: torch.device, weights_dtype: torch.dtype) -> ContextManager:

@@ -4,11 +4,18 @@
 needs it; ``pad_batch`` pads a list of id lists to the longest one. Encoding and the training
 collators both go through these two functions, so a decoder model sees identical token sequences
 in both paths.
+
+A fast tokenizer keeps its truncation settings as state of its Rust backend, which every call sets
+and then reads; ``tokenize_texts`` holds a lock per backend around the call, so concurrent callers
+(worker threads, the server's event loop) with different max lengths each get their own truncation.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -16,7 +23,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TokenizedTexts", "tokenize_texts", "pad_batch", "check_texts"]
+__all__ = ["TokenizedTexts", "tokenize_texts", "pad_batch", "check_texts", "tokenizer_lock"]
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+_UNREFERENCEABLE_LOCK = threading.RLock()  # for the rare tokenizer that cannot be weakly referenced
 
 
 @dataclass
@@ -30,6 +41,31 @@ def check_texts(texts: Sequence[object], what: str = "sentences") -> None:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"{what}[{i}] must be a string, got {type(text).__name__}: {text!r:.80}")
+
+
+def tokenizer_lock(tokenizer) -> threading.RLock:
+    """The lock to hold while ``tokenizer`` runs: one per backend (shallow copies of a fast tokenizer share
+    the Rust object whose truncation settings a call mutates), created on first use, freed with it."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    owner = tokenizer if backend is None else backend
+    with _LOCKS_GUARD:
+        try:
+            lock = _LOCKS.get(owner)
+            if lock is None:
+                lock = _LOCKS[owner] = threading.RLock()
+        except TypeError:  # not hashable or not weakly referenceable
+            lock = _UNREFERENCEABLE_LOCK
+    return lock
+
+
+def _forget_locks_after_fork() -> None:
+    """A forked child has only the forking thread: locks other threads held at the fork stay held forever."""
+    global _LOCKS, _LOCKS_GUARD, _UNREFERENCEABLE_LOCK
+    _LOCKS, _LOCKS_GUARD, _UNREFERENCEABLE_LOCK = weakref.WeakKeyDictionary(), threading.Lock(), threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_after_fork)
 
 
 def tokenize_texts(
@@ -47,22 +83,25 @@ def tokenize_texts(
 
     With ``append_eos`` the EOS id is the last token of every sequence (it replaces the last
     token of an over-long text so the sequence still fits ``max_length``).
+
+    Safe to call from several threads on one tokenizer (see :func:`tokenizer_lock`).
     """
     if max_length is None or max_length < 2:
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
     prefixed = [instruction + t for t in texts] if instruction else list(texts)
     budget = max_length - 1 if append_eos else max_length
-    encoded = tokenizer(
-        prefixed,
-        add_special_tokens=True,
-        truncation=truncation,
-        max_length=budget if truncation else None,
-        return_overflowing_tokens=False,
-        return_length=False,
-        return_attention_mask=False,
-        return_token_type_ids=False,
-        verbose=False,
-    )["input_ids"]
+    with tokenizer_lock(tokenizer):  # the call sets the backend's truncation, then encodes with it
+        encoded = tokenizer(
+            prefixed,
+            add_special_tokens=True,
+            truncation=truncation,
+            max_length=budget if truncation else None,
+            return_overflowing_tokens=False,
+            return_length=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )["input_ids"]
     num_truncated = sum(1 for ids in encoded if len(ids) >= budget) if truncation else \
         sum(1 for ids in encoded if len(ids) > budget)
     if append_eos:
