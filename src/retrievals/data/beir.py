@@ -72,12 +72,13 @@ def load_qrels(path: str) -> Dict[str, Dict[str, int]]:
     return qrels
 
 
-def load_beir(data_dir: str, split: str = "test") -> BeirDataset:
-    """Load a BEIR folder; ``queries`` keeps only the queries judged in ``split``."""
+def load_beir(data_dir: str, split: str = "test", with_corpus: bool = True) -> BeirDataset:
+    """Load a BEIR folder; ``queries`` keeps only the queries judged in ``split``. ``with_corpus=False``
+    leaves the corpus out (searching a built index needs only queries and qrels)."""
     if not os.path.isdir(data_dir):
         name = os.path.basename(os.path.normpath(data_dir)) or "scifact"
         raise FileNotFoundError(f"Data folder {data_dir!r} does not exist. " + BEIR_DOWNLOAD_HINT.format(name=name))
-    corpus = load_corpus(_find(data_dir, "corpus.jsonl"))
+    corpus = load_corpus(_find(data_dir, "corpus.jsonl")) if with_corpus else {}
     qrels = load_qrels(_find(os.path.join(data_dir, "qrels"), f"{split}.tsv"))
     queries_path = _find(data_dir, "queries.jsonl")
     queries = {}

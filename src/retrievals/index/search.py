@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from ..evaluation.metrics import Run
 from ..evaluation.search import exact_search
 from .faiss_index import LoadedIndex
 from .manifest import VectorsManifest, model_fingerprint
@@ -73,10 +74,23 @@ class Searcher:
         scores, ids = self.index.search(query_vectors, top_k)
         return SearchResult(ids=ids, scores=[s[:len(i)].tolist() for s, i in zip(scores, ids)])
 
-    def search(self, queries: Union[str, Sequence[str]], top_k: int = 10, batch_size: int = 32) -> SearchResult:
+    def search(self, queries: Union[str, Sequence[str]], top_k: int = 10, batch_size: int = 32,
+               exact: bool = False) -> SearchResult:
+        """Top-``k`` ids and scores per query; ``exact=True`` searches every stored vector (shard by shard)
+        instead of the index."""
         texts = [queries] if isinstance(queries, str) else list(queries)
-        vectors = self.model.encode_queries(texts, batch_size=batch_size, convert_to_numpy=True)
-        return self.search_vectors(np.atleast_2d(vectors), top_k)
+        vectors = np.atleast_2d(self.model.encode_queries(texts, batch_size=batch_size, convert_to_numpy=True))
+        if not exact:
+            return self.search_vectors(vectors, top_k)
+        folder = self.index.manifest.vectors["folder"]
+        scores, rows = exact_search_shards(folder, vectors, top_k, normalize=self.index.manifest.normalized_here)
+        return SearchResult(ids=[self.index.ids_of(r) for r in rows], scores=scores.tolist())
+
+    def run(self, queries: Dict[str, str], top_k: int = 100, exact: bool = False, batch_size: int = 32) -> Run:
+        """A run ``{query id: {doc id: score}}`` (the input of :func:`~retrievals.evaluation.evaluate_run`)."""
+        qids = list(queries)
+        found = self.search([queries[q] for q in qids], top_k=top_k, batch_size=batch_size, exact=exact)
+        return {qid: dict(zip(ids, scores)) for qid, ids, scores in zip(qids, found.ids, found.scores)}
 
 
 def search(index_dir: str, queries: Union[str, Sequence[str]], top_k: int = 10, model: Any = None,

@@ -39,6 +39,11 @@ class EvalArguments:
     output_file: Optional[str] = field(default=None, metadata={"help": "Write the metrics as JSON here"})
     dims: Optional[str] = field(default=None, metadata={
         "help": "Also evaluate these embedding sizes (Matryoshka), e.g. 384,256,128,64: nDCG@10 per size"})
+    index_dir: Optional[str] = field(default=None, metadata={
+        "help": "Search this index (built by retrievals.pipelines.index) instead of encoding the corpus"})
+    exact_search: bool = field(default=False, metadata={
+        "help": "With --index_dir: exact search over the index's stored vectors, shard by shard"})
+    nprobe: Optional[int] = field(default=None, metadata={"help": "With an IVF index: lists probed per query"})
 
 
 def run_eval(args: EvalArguments) -> Dict[str, float]:
@@ -46,7 +51,7 @@ def run_eval(args: EvalArguments) -> Dict[str, float]:
     if not args.data_dir and not args.sts_file:
         raise ValueError("Pass --data_dir (BEIR retrieval) or --sts_file (STS)")
     start = time.perf_counter()
-    data = load_beir(args.data_dir, args.split) if args.data_dir else None
+    data = load_beir(args.data_dir, args.split, with_corpus=not args.index_dir) if args.data_dir else None
     pairs = load_sts(args.sts_file) if args.sts_file else None
     model = AutoModelForEmbedding.from_pretrained(
         args.model_name_or_path, pooling_method=args.pooling_method, max_length=args.max_length,
@@ -55,7 +60,9 @@ def run_eval(args: EvalArguments) -> Dict[str, float]:
     metrics: Dict[str, float] = {}
     if pairs is not None:
         metrics.update({f"sts_{k}": v for k, v in evaluate_sts(model, pairs, batch_size=args.batch_size).items()})
-    if data is not None:
+    if data is not None and args.index_dir:
+        metrics.update(_evaluate_index(model, data, args))
+    elif data is not None:
         result = evaluate_retrieval(model, data, top_k=args.top_k, batch_size=args.batch_size, show_progress_bar=True)
         metrics.update(result.metrics)
         _print_examples(data, result.run, args.num_examples)
@@ -68,6 +75,16 @@ def run_eval(args: EvalArguments) -> Dict[str, float]:
         with open(args.output_file, "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
     return metrics
+
+
+def _evaluate_index(model, data, args: EvalArguments) -> Dict[str, float]:
+    """Queries searched in the built index (the model must be the one that made it)."""
+    from ..evaluation.metrics import evaluate_run
+    from ..index.search import Searcher
+
+    searcher = Searcher(args.index_dir, model=model, nprobe=args.nprobe)
+    run = searcher.run(data.queries, top_k=args.top_k, exact=args.exact_search, batch_size=args.batch_size)
+    return evaluate_run(run, data.qrels, ["ndcg@10", "mrr@10", "recall@100", "map@100"])
 
 
 def _print_examples(data, run, num_examples: int) -> None:

@@ -1,0 +1,67 @@
+"""Encode a corpus of any size into Parquet shards of vectors (resumable, bounded memory).
+
+    python -m retrievals.pipelines.encode --model_name_or_path MODEL --corpus corpus.jsonl \\
+        --output_dir VEC [--engine local|ray --num_workers 2 --ray_address auto] [--dtype float32|int8|binary]
+
+Re-running the same command resumes: finished shards are checked (checksums) and kept, the rest is
+encoded; a vectors folder of another job (model, input, settings) is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from ..index.corpus import CorpusOptions
+from ..index.encode import BatchEncoder, EncodeJob, encode_to_shards
+from ..index.manifest import VectorsManifest
+from .cli import run_cli
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodeArguments:
+    model_name_or_path: str = field(metadata={"help": "Embedding model (its saved pooling and instructions are used)"})
+    corpus: str = field(metadata={"help": "Corpus: .jsonl, .jsonl.gz, .parquet, or a folder of them (_id, title, text)"})
+    output_dir: str = field(metadata={"help": "Vectors folder: Parquet shards + manifest.json"})
+    engine: str = field(default="local", metadata={"help": "local (no set-up) or ray (pip install 'retrievals[ray]')"})
+    num_workers: int = field(default=2, metadata={"help": "Ray actors, one model each"})
+    ray_address: Optional[str] = field(default=None, metadata={"help": "Ray cluster to join (default: a local one)"})
+    batch_size: int = field(default=32, metadata={"help": "Texts per forward pass"})
+    chunk_rows: int = field(default=1024, metadata={"help": "Texts handed to the model per call"})
+    shard_size: int = field(default=65_536, metadata={"help": "Vectors per Parquet shard"})
+    dtype: str = field(default="float32", metadata={"help": "Stored form: float32, int8 or binary"})
+    store_text: bool = field(default=False, metadata={"help": "Keep each document's text in the shards"})
+    precision: Optional[str] = field(default=None, metadata={"help": "auto (bf16 where fast), fp32, bf16, fp16"})
+    id_key: str = field(default="_id")
+    text_key: str = field(default="text")
+    title_key: Optional[str] = field(default="title", metadata={"help": "Prepended to the text when present"})
+    skip_invalid: bool = field(default=False, metadata={"help": "Skip (and count) malformed records instead of failing"})
+    empty_documents: str = field(default="skip", metadata={
+        "help": "Documents with no title and no text: skip (counted, listed in skipped.jsonl) or embed"})
+
+
+def run_encode(args: EncodeArguments) -> VectorsManifest:
+    """Encode ``args.corpus`` into ``args.output_dir``; returns the finished manifest."""
+    options = CorpusOptions(id_key=args.id_key, text_key=args.text_key, title_key=args.title_key or None,
+                            skip_invalid=args.skip_invalid, empty_documents=args.empty_documents)
+    job = EncodeJob(corpus=args.corpus, output_dir=args.output_dir, model_name_or_path=args.model_name_or_path,
+                    shard_size=args.shard_size, chunk_rows=args.chunk_rows, batch_size=args.batch_size,
+                    dtype=args.dtype, store_text=args.store_text, precision=args.precision, corpus_options=options)
+    engine_kwargs = {"num_workers": args.num_workers, "ray_address": args.ray_address} if args.engine == "ray" else {}
+    encoder = BatchEncoder(args.model_name_or_path, batch_size=args.batch_size, precision=args.precision)
+    manifest = encode_to_shards(job, engine=args.engine, encoder=encoder, **engine_kwargs)
+    print(f"{manifest.count} vectors ({manifest.dimension}-d {manifest.dtype}) in {len(manifest.shards)} shards "
+          f"in {args.output_dir}; {manifest.skipped} records skipped")
+    return manifest
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_cli([EncodeArguments], run_encode, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

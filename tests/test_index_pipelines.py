@@ -1,0 +1,71 @@
+"""The encode -> index -> search / eval / build_hn command lines over a vectors folder (issue 11)."""
+
+import json
+import os
+
+import pytest
+
+from retrievals import AutoModelForEmbedding
+from retrievals.data.beir import load_beir
+from retrievals.evaluation.retrieval import evaluate_retrieval
+from retrievals.pipelines import encode, index, search
+from retrievals.pipelines import eval as eval_pipeline
+
+
+@pytest.fixture()
+def built(tiny_bert_dir, tiny_beir_dir, tmp_path):
+    model_dir = str(tmp_path / "model")
+    AutoModelForEmbedding.from_pretrained(tiny_bert_dir, pooling_method="mean").save_pretrained(model_dir)
+    corpus = os.path.join(tiny_beir_dir, "corpus.jsonl.gz")
+    vec, idx = str(tmp_path / "vec"), str(tmp_path / "idx")
+    assert encode.main(["--model_name_or_path", model_dir, "--corpus", corpus, "--output_dir", vec,
+                        "--shard_size", "7", "--precision", "fp32", "--store_text"]) == 0
+    assert index.main(["--vectors", vec, "--output_dir", idx]) == 0
+    return model_dir, tiny_beir_dir, vec, idx
+
+
+def test_eval_through_the_index_equals_in_memory_evaluation(built, capsys):
+    model_dir, beir, vec, idx = built
+    expected = evaluate_retrieval(AutoModelForEmbedding.from_pretrained(model_dir, precision="fp32"),
+                                  load_beir(beir)).metrics
+    args = ["--model_name_or_path", model_dir, "--data_dir", beir, "--precision", "fp32", "--index_dir", idx]
+    for extra in ([], ["--exact_search"]):
+        out = str(built[3]) + f"/metrics{len(extra)}.json"
+        assert eval_pipeline.main(args + extra + ["--output_file", out]) == 0
+        got = json.load(open(out))
+        assert {k: round(got[k], 6) for k in expected} == {k: round(v, 6) for k, v in expected.items()}
+
+
+def test_search_cli_writes_trec_and_jsonl(built, tmp_path):
+    model_dir, beir, vec, idx = built
+    queries = os.path.join(beir, "queries.jsonl")
+    assert search.main(["--index_dir", idx, "--queries", queries, "--output_file", str(tmp_path / "run.trec"),
+                        "--top_k", "3"]) == 0
+    lines = (tmp_path / "run.trec").read_text().splitlines()
+    first = lines[0].split()
+    assert first[:2] == ["q0", "Q0"] and first[3] == "1" and len(lines) == 3 * len(open(queries).readlines())
+    (tmp_path / "q.txt").write_text("cat\n\nthe dog\n")
+    assert search.main(["--index_dir", idx, "--queries", str(tmp_path / "q.txt"), "--output_file",
+                        str(tmp_path / "run.jsonl"), "--top_k", "2"]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "run.jsonl")]
+    assert [r["query_id"] for r in rows] == ["1", "3"] and len(rows[0]["results"]) == 2
+
+
+def test_pipeline_errors_are_one_line(built, tiny_bert_dir, tmp_path, capsys):
+    model_dir, beir, vec, idx = built
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"_id": "a", "text": "cat"}\n{"_id": "a", "text": "dog"}\n')
+    assert encode.main(["--model_name_or_path", model_dir, "--corpus", str(dup), "--output_dir",
+                        str(tmp_path / "v2")]) == 2
+    assert "duplicate id 'a'" in capsys.readouterr().err
+    assert encode.main(["--model_name_or_path", model_dir, "--corpus", str(dup), "--output_dir",
+                        str(tmp_path / "v3"), "--dtype", "float8"]) == 2
+    assert "Unknown embedding dtype 'float8'" in capsys.readouterr().err
+    other = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, pooling_method="cls")
+    other.save_pretrained(tmp_path / "other")
+    assert eval_pipeline.main(["--model_name_or_path", str(tmp_path / "other"), "--data_dir", beir,
+                               "--index_dir", idx]) == 2
+    err = capsys.readouterr().err
+    assert "error: index" in err and "the model given is" in err
+    assert index.main(["--vectors", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "i2")]) == 2
+    assert "holds no manifest.json" in capsys.readouterr().err
