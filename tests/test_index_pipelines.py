@@ -1,5 +1,6 @@
 """The encode -> index -> search / eval / build_hn command lines over a vectors folder (issue 11)."""
 
+import gzip
 import json
 import os
 
@@ -69,3 +70,32 @@ def test_pipeline_errors_are_one_line(built, tiny_bert_dir, tmp_path, capsys):
     assert "error: index" in err and "the model given is" in err
     assert index.main(["--vectors", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "i2")]) == 2
     assert "holds no manifest.json" in capsys.readouterr().err
+
+
+def test_build_hn_from_the_index_equals_mining_the_pool(built, tmp_path):
+    from retrievals.pipelines import build_hn
+
+    model_dir, beir, vec, idx = built
+    words = [json.loads(line)["text"] for line in open(os.path.join(beir, "queries.jsonl"))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"query": w, "positive": [f"the {w}"], "pos_ids": [f"doc-{w}"]})
+                                                  + "\n" for w in words))
+    pool = tmp_path / "pool.jsonl"
+    with gzip.open(os.path.join(beir, "corpus.jsonl.gz"), "rt") as f:
+        pool.write_text(f.read())
+    common = ["--input_file", str(tmp_path / "train.jsonl"), "--range_for_sampling", "0-6", "--negative_number", "3"]
+    assert build_hn.main(common + ["--model_name_or_path", model_dir, "--candidate_pool", str(pool),
+                                   "--output_file", str(tmp_path / "pool_hn.jsonl")]) == 0
+    assert build_hn.main(common + ["--index_dir", idx, "--output_file", str(tmp_path / "index_hn.jsonl")]) == 0
+    assert build_hn.main(common + ["--index_dir", idx, "--candidate_pool", str(pool), "--positive_id_key", "pos_ids",
+                                   "--output_file", str(tmp_path / "ids_hn.jsonl")]) == 0
+    from_pool = [json.loads(line) for line in open(tmp_path / "pool_hn.jsonl")]
+    for name in ("index_hn.jsonl", "ids_hn.jsonl"):
+        from_index = [json.loads(line) for line in open(tmp_path / name)]
+        assert [r["negative"] for r in from_index] == [r["negative"] for r in from_pool]
+    for record in from_pool:
+        assert len(record["negative"]) == 3 and all(not n.endswith(record["positive"][0]) for n in record["negative"])
+    # back-fill from random rows when the range holds too few (range 0-2 leaves at most 2 candidates)
+    assert build_hn.main(["--input_file", str(tmp_path / "train.jsonl"), "--range_for_sampling", "0-2",
+                          "--negative_number", "4", "--index_dir", idx, "--output_file", str(tmp_path / "bf.jsonl")]) == 0
+    for record in map(json.loads, open(tmp_path / "bf.jsonl")):
+        assert len(set(record["negative"])) == 4 and not any(n.endswith(record["positive"][0]) for n in record["negative"])

@@ -164,13 +164,17 @@ class LoadedIndex:
 
             faiss.extract_index_ivf(self.index).nprobe = min(nprobe, self.manifest.nlist)
 
-    def search(self, queries: np.ndarray, top_k: int = 10) -> Tuple[np.ndarray, List[List[str]]]:
-        x = np.ascontiguousarray(queries, dtype=np.float32)
+    def search_rows(self, queries: np.ndarray, top_k: int = 10) -> Tuple[np.ndarray, np.ndarray]:
+        """``(scores, rows)`` ``[q, k]``; rows are positions in the vectors folder (-1: nothing found)."""
+        x = np.array(queries, dtype=np.float32, ndmin=2)
         if self.manifest.normalized_here:
             import faiss
 
             faiss.normalize_L2(x)
-        scores, rows = self.index.search(x, min(top_k, self.index.ntotal))
+        return self.index.search(x, min(top_k, self.index.ntotal))
+
+    def search(self, queries: np.ndarray, top_k: int = 10) -> Tuple[np.ndarray, List[List[str]]]:
+        scores, rows = self.search_rows(queries, top_k)
         return scores, [self.ids_of(r) for r in rows]
 
     def ids_of(self, rows: Sequence[int]) -> List[str]:

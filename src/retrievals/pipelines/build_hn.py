@@ -67,13 +67,16 @@ class BuildHNArguments:
     neg_scores_key: str = field(default="neg_scores", metadata={"help": "Output field of the negatives' teacher scores"})
     score_only: bool = field(default=False, metadata={
         "help": "Do not mine: only score the input file's positives and negatives with the teacher"})
+    index_dir: Optional[str] = field(default=None, metadata={
+        "help": "Mine from this index (retrievals.pipelines.index) instead of encoding a pool; texts come from the "
+                "shards (encoded with --store_text) or from --candidate_pool (by _id)"})
 
     def __post_init__(self) -> None:
         if self.score_only and not self.teacher_model_name_or_path:
             raise ValueError("--score_only needs --teacher_model_name_or_path")
-        if not self.score_only and not self.model_name_or_path:
+        if not self.score_only and not self.model_name_or_path and not self.index_dir:
             raise ValueError("--model_name_or_path is required (the model that mines negatives) unless --score_only")
-        if self.positive_id_key and not self.score_only and not self.candidate_pool:
+        if self.positive_id_key and not self.score_only and not self.candidate_pool and not self.index_dir:
             raise ValueError("--positive_id_key needs a --candidate_pool whose records have '_id' fields")
 
 
@@ -130,7 +133,33 @@ def _pool_id(record: Dict[str, Any], path: str, line_no: int, required: bool) ->
     return str(doc_id)
 
 
+def mine_with_index(args: BuildHNArguments, records: List[dict]) -> List[dict]:
+    """Search the built index (its model, or ``--model_name_or_path`` checked against it)."""
+    from ..index.search import Searcher
+    from ..index.texts import stored_texts
+    from ..mining.index_mining import mine_from_index
+
+    searcher = Searcher(args.index_dir, model=args.model_name_or_path)
+    if args.candidate_pool:
+        by_id = {doc.doc_id: doc.full_text for doc in read_pool(args.candidate_pool, require_ids=True)}
+
+        def texts_of(rows, ids):
+            missing = [i for i in ids if i not in by_id]
+            if missing:
+                raise ValueError(f"{args.candidate_pool}: no document with _id {missing[0]!r} (found in the index)")
+            return {row: by_id[i] for row, i in zip(rows, ids)}
+    else:
+        def texts_of(rows, ids):
+            return stored_texts(searcher.index.manifest.vectors["folder"], rows)
+    return mine_from_index(searcher, records, texts_of, query_key=args.query_key, positive_key=args.positive_key,
+                           negative_key=args.negative_key, range_for_sampling=parse_range(args.range_for_sampling),
+                           negative_number=args.negative_number, seed=args.seed, batch_size=args.batch_size,
+                           positive_id_key=args.positive_id_key)
+
+
 def mine(args: BuildHNArguments, records: List[dict]) -> List[dict]:
+    if args.index_dir:
+        return mine_with_index(args, records)
     value_range = parse_range(args.range_for_sampling)
     pool = read_pool(args.candidate_pool, require_ids=bool(args.positive_id_key)) if args.candidate_pool else None
     model = AutoModelForEmbedding.from_pretrained(args.model_name_or_path, pooling_method=args.pooling_method,

@@ -1,0 +1,79 @@
+"""Hard-negative mining over a built index: the queries are searched in the (memory-mapped) index
+instead of re-encoding the pool, negatives' texts come from the shards (``--store_text``) or from the
+pool file, and back-filling draws random rows (no pass over the corpus per query)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .hard_negatives import PoolDocument, PositiveRule, _as_ids, _as_list, normalize_text
+
+logger = logging.getLogger(__name__)
+
+TextLookup = Callable[[Sequence[int], Sequence[str]], Dict[int, str]]  # (rows, ids) -> {row: text}
+
+
+def _is_banned(doc: PoolDocument, banned: set) -> bool:
+    """The pool rule, plus: a stored text is ``title + " " + body``, so a body-only positive is its suffix."""
+    full = normalize_text(doc.full_text)
+    return PositiveRule.is_banned(doc, banned) or any(full.endswith(" " + key) for key in banned if key)
+
+
+def mine_from_index(searcher, records: List[Dict[str, Any]], texts_of: TextLookup, query_key: str = "query",
+                    positive_key: str = "positive", negative_key: str = "negative",
+                    range_for_sampling: Tuple[int, int] = (2, 200), negative_number: int = 15, seed: int = 42,
+                    batch_size: int = 64, positive_id_key: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Return copies of ``records`` with ``negative_number`` mined negatives each (same rules as
+    :func:`~retrievals.mining.hard_negatives.mine_hard_negatives`: ranks ``range_for_sampling``,
+    positives and the query banned by text or by ``positive_id_key`` ids, duplicates removed, seeded)."""
+    start, end = range_for_sampling
+    index = searcher.index
+    vectors = searcher.model.encode_queries([r[query_key] for r in records], batch_size=batch_size,
+                                            convert_to_numpy=True, show_progress_bar=True)
+    _, hits = index.search_rows(np.atleast_2d(vectors), end)
+    ranked = [[int(r) for r in row[start:end] if r >= 0] for row in hits]
+    docs = _documents(index, texts_of, {r for row in ranked for r in row})
+    bans = [_bans(record, query_key, positive_key, positive_id_key) for record in records]
+    chosen = [_pick([docs[r] for r in rows], *ban, negative_number, random.Random(seed * 1_000_003 + i))
+              for i, (rows, ban) in enumerate(zip(ranked, bans))]
+    short = [i for i, c in enumerate(chosen) if len(c) < negative_number]
+    if short:  # random rows for the few that ran short: no pass over the corpus per query
+        rng = random.Random(seed)
+        extra = {i: rng.sample(range(index.index.ntotal), min(index.index.ntotal, 4 * negative_number)) for i in short}
+        docs.update(_documents(index, texts_of, {r for rows in extra.values() for r in rows} - set(docs)))
+        for i in short:
+            taken = bans[i][0] | {normalize_text(d.full_text) for d in chosen[i]}
+            chosen[i] += _pick([docs[r] for r in extra[i]], taken, bans[i][1], negative_number - len(chosen[i]),
+                               random.Random(seed * 1_000_003 + i + 1))
+        logger.warning("%d of %d queries had fewer than %d candidates in range %d-%d; back-filled with random "
+                       "documents", len(short), len(records), negative_number, start, end)
+    return [{**record, negative_key: [d.full_text for d in picked]} for record, picked in zip(records, chosen)]
+
+
+def _documents(index, texts_of: TextLookup, rows: set) -> Dict[int, PoolDocument]:
+    ordered = sorted(rows)
+    ids = index.ids_of(ordered)
+    texts = texts_of(ordered, ids)
+    return {row: PoolDocument(text=texts[row], doc_id=doc_id) for row, doc_id in zip(ordered, ids)}
+
+
+def _bans(record: Dict[str, Any], query_key: str, positive_key: str, positive_id_key: Optional[str]) -> Tuple[set, set]:
+    """Normalised texts and ids that the record's negatives must not be."""
+    texts = {normalize_text(t) for t in _as_list(record.get(positive_key))} | {normalize_text(record[query_key])}
+    ids = set(_as_ids(record.get(positive_id_key))) if positive_id_key else set()
+    return texts, ids
+
+
+def _pick(candidates: List[PoolDocument], banned: set, banned_ids: set, count: int, rng: random.Random) -> List[PoolDocument]:
+    seen, kept = set(), []
+    for doc in candidates:
+        key = normalize_text(doc.full_text)
+        if key in seen or doc.doc_id in banned_ids or _is_banned(doc, banned):
+            continue
+        seen.add(key)
+        kept.append(doc)
+    return rng.sample(kept, count) if len(kept) > count else kept
