@@ -214,7 +214,9 @@ def test_ivf_with_every_list_probed_equals_exact(vectors, tmp_path, index_type):
 def test_search_function_and_model_mismatch(vectors, model_dir, tmp_path):
     folder, rows = vectors
     build_index(folder, str(tmp_path / "idx"))
-    result = search(str(tmp_path / "idx"), [rows[5]["title"] + " " + rows[5]["text"], "cat dog"], top_k=3)
+    import retrievals
+
+    result = retrievals.search(str(tmp_path / "idx"), [rows[5]["title"] + " " + rows[5]["text"], "cat dog"], top_k=3)
     model = AutoModelForEmbedding.from_pretrained(model_dir)
     _, matrix = all_vectors(folder)
     q = model.encode_queries([rows[5]["title"] + " " + rows[5]["text"], "cat dog"], convert_to_numpy=True)

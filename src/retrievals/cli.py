@@ -12,6 +12,9 @@ COMMANDS = {
     "build_hn": ("retrievals.pipelines.build_hn", "mine hard negatives for a training file"),
     "eval": ("retrievals.pipelines.eval", "evaluate on a BEIR folder or an STS file"),
     "finetune_beir": ("retrievals.pipelines.finetune_beir", "base eval, mining, fine-tune, eval on a BEIR folder"),
+    "encode": ("retrievals.pipelines.encode", "encode a corpus of any size into Parquet shards of vectors"),
+    "index": ("retrievals.pipelines.index", "build a faiss index over a vectors folder"),
+    "search": ("retrievals.pipelines.search", "search an index with a file of queries (TREC run or JSONL)"),
 }
 
 
