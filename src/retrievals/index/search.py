@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from ..evaluation.search import exact_search
 from .faiss_index import LoadedIndex
 from .manifest import VectorsManifest, model_fingerprint
 from .shards import from_stored, iter_shards
+from .texts import stored_texts
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def exact_search_shards(vectors_dir: str, queries: np.ndarray, top_k: int,
 class SearchResult:
     ids: List[List[str]]
     scores: List[List[float]]
+    texts: Optional[List[List[str]]] = None  # with ``return_text``: each hit's stored corpus text
 
 
 class Searcher:
@@ -69,22 +71,49 @@ class Searcher:
                              f"{made_by['model_fingerprint']}); the model given is {name} (fingerprint {found}): "
                              "encode and index the corpus with this model, or search with the model that made it")
         self.model = model
+        self._vectors: Optional[VectorsManifest] = None
 
-    def search_vectors(self, query_vectors: np.ndarray, top_k: int = 10) -> SearchResult:
-        scores, ids = self.index.search(query_vectors, top_k)
-        return SearchResult(ids=ids, scores=[s[:len(i)].tolist() for s, i in zip(scores, ids)])
+    def search_vectors(self, query_vectors: np.ndarray, top_k: int = 10, return_text: bool = False) -> SearchResult:
+        """Ids and scores of the ``top_k`` best rows per query vector; ``return_text`` adds their stored text."""
+        return self._result(*self.index.search_rows(query_vectors, top_k), return_text)
+
+    def _result(self, scores: np.ndarray, rows: np.ndarray, return_text: bool) -> SearchResult:
+        kept = [[int(r) for r in row if r >= 0] for row in rows]  # -1: fewer hits than top_k
+        texts = None
+        if return_text:
+            found = self.texts_of({r for row in kept for r in row})
+            texts = [[found[r] for r in row] for row in kept]
+        return SearchResult(ids=[self.index.ids_of(r) for r in kept],
+                            scores=[s[:len(r)].tolist() for s, r in zip(scores, kept)], texts=texts)
+
+    def vectors_manifest(self) -> VectorsManifest:
+        """The manifest of the vectors folder the index was built from (``FileNotFoundError`` if it moved;
+        ``ValueError`` if it now holds other vectors). ``options["store_text"]``: whether texts were kept."""
+        if self._vectors is None:
+            made_by, folder = self.index.manifest.vectors, self.index.manifest.vectors["folder"]
+            manifest = VectorsManifest.load(folder)
+            if manifest.model_fingerprint != made_by["model_fingerprint"] or manifest.count != self.index.manifest.count:
+                raise ValueError(f"{folder} no longer holds the vectors the index was built from ({manifest.count} "
+                                 f"vectors of fingerprint {manifest.model_fingerprint}); rebuild the index")
+            self._vectors = manifest
+        return self._vectors
+
+    def texts_of(self, rows: Iterable[int]) -> Dict[int, str]:
+        """``{row: text}``: the stored corpus text of index rows, for vectors encoded with ``store_text=True``
+        (``ValueError`` otherwise), read from the shards that hold them (:func:`.texts.stored_texts`)."""
+        return stored_texts(self.index.manifest.vectors["folder"], rows, self.vectors_manifest())
 
     def search(self, queries: Union[str, Sequence[str]], top_k: int = 10, batch_size: int = 32,
-               exact: bool = False) -> SearchResult:
+               exact: bool = False, return_text: bool = False) -> SearchResult:
         """Top-``k`` ids and scores per query; ``exact=True`` searches every stored vector (shard by shard)
-        instead of the index."""
+        instead of the index; ``return_text`` adds each hit's stored text (:meth:`texts_of`)."""
         texts = [queries] if isinstance(queries, str) else list(queries)
         vectors = np.atleast_2d(self.model.encode_queries(texts, batch_size=batch_size, convert_to_numpy=True))
         if not exact:
-            return self.search_vectors(vectors, top_k)
+            return self.search_vectors(vectors, top_k, return_text)
         folder = self.index.manifest.vectors["folder"]
         scores, rows = exact_search_shards(folder, vectors, top_k, normalize=self.index.manifest.normalized_here)
-        return SearchResult(ids=[self.index.ids_of(r) for r in rows], scores=scores.tolist())
+        return self._result(scores, rows, return_text)
 
     def run(self, queries: Dict[str, str], top_k: int = 100, exact: bool = False, batch_size: int = 32) -> Run:
         """A run ``{query id: {doc id: score}}`` (the input of :func:`~retrievals.evaluation.evaluate_run`)."""

@@ -1,12 +1,15 @@
 """Serve a saved model over HTTP (OpenAI-compatible embeddings, dynamic batching, limits, metrics).
 
     retrievals serve MODEL_DIR [--port 8000] [--api_key KEY] [--max_batch_tokens 16384] ...
+    retrievals serve MODEL_DIR --index_dir INDEX_DIR [--nprobe 32]      # adds POST /v1/search
     python -m retrievals.pipelines.serve MODEL_DIR ...
 
 The model's pooling, normalisation, instructions and max lengths come from its saved config.
 Binds 127.0.0.1 unless ``--host`` says otherwise. The API key may also come from the
 ``RETRIEVALS_API_KEY`` environment variable (keeps it out of ``ps``). Server limits are the fields
-of :class:`retrievals.serving.ServerConfig`, one flag each.
+of :class:`retrievals.serving.ServerConfig`, one flag each. ``--index_dir`` (an index built by
+``retrievals index`` from this model's vectors) adds ``POST /v1/search``; an index made by another
+model refuses to start, naming both.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class ServeArguments:
     allow_pickle: bool = field(default=False, metadata={"help": "Allow pickle (*.bin) weights; they can run code"})
     quantization: Optional[str] = field(default=None, metadata={
         "help": "int8 (dynamic int8 on CPU, ~2.4x fp32 here), bnb-8bit or bnb-4bit (bitsandbytes, CUDA)"})
+    index_dir: Optional[str] = field(default=None, metadata={
+        "help": "Index (retrievals index) to serve POST /v1/search from; it must come from this model's vectors"})
+    nprobe: Optional[int] = field(default=None, metadata={
+        "help": "IVF lists probed per query (default: the index's own; more: better recall, slower)"})
     log_level: str = field(default="info")
 
 
@@ -49,7 +56,7 @@ def run_serve(args: ServeArguments, config) -> None:
         model.eval()
         if not config.served_model_name:
             config.served_model_name = os.path.basename(os.path.normpath(args.model_name_or_path))
-        app = create_app(model, config)
+        app = create_app(model, config, index_dir=args.index_dir, nprobe=args.nprobe)
     except BaseException:
         sock.close()
         raise

@@ -1,36 +1,37 @@
 """``create_app(model, config)``: the FastAPI application of the embedding server.
 
 Routes: ``POST /v1/embeddings`` (alias ``/embeddings``), ``GET /v1/models``, ``GET /v1/models/{id}``,
-``GET /info``, ``GET /health`` (runs the model on a tiny input through the batcher) and
-``GET /metrics`` (Prometheus). With an API key every route but ``/health`` needs
-``Authorization: Bearer <key>``; the check sits in a middleware in front of all routes, so an alias
-or a new route cannot miss it. Nothing happens at import: the batcher starts with the app's lifespan.
+``GET /info``, ``GET /health`` (runs the model on a tiny input through the batcher),
+``GET /metrics`` (Prometheus) and, with an index, ``POST /v1/search`` (:mod:`.search`). With an API
+key every route but ``/health`` needs ``Authorization: Bearer <key>``; the check sits in a middleware
+in front of all routes (:mod:`.guard`), so an alias or a new route cannot miss it. Nothing happens at
+import: the batcher starts with the app's lifespan.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import os
 import time
 from contextlib import asynccontextmanager
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..models.embedding_model import AutoModelForEmbedding
 from .batcher import DynamicBatcher, QueueFullError
 from .config import ServerConfig
+from .guard import GuardMiddleware, add_error_handlers, error_response, json_response
 from .metrics import ServerMetrics
 from .protocol import (
     APIError,
+    EmbeddingRequest,
     check_token_limits,
     embedding_response,
     model_card,
@@ -42,12 +43,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["create_app"]
 
-ROUTES = ("/v1/embeddings", "/embeddings", "/v1/models", "/health", "/metrics", "/info")
 INLINE_TOKENIZE_CHARS = 20_000  # bigger requests are tokenized on a worker thread
 
 
-def create_app(model: AutoModelForEmbedding, config: Optional[ServerConfig] = None, **overrides: Any) -> FastAPI:
-    """Build the server for a loaded ``model``; ``overrides`` replace fields of ``config``."""
+def create_app(model: AutoModelForEmbedding, config: Optional[ServerConfig] = None, index_dir: Optional[str] = None,
+               nprobe: Optional[int] = None, **overrides: Any) -> FastAPI:
+    """Build the server for a loaded ``model``; ``overrides`` replace fields of ``config``. With ``index_dir``
+    (an index built from this model's vectors; another model is a ``ValueError`` naming both) it also
+    serves ``POST /v1/search``, probing ``nprobe`` lists of an IVF index (default: the index's own)."""
     config = config or ServerConfig()
     for name, value in overrides.items():
         if not hasattr(config, name):
@@ -57,6 +60,13 @@ def create_app(model: AutoModelForEmbedding, config: Optional[ServerConfig] = No
     if not config.served_model_name:
         source = getattr(model.model.config, "_name_or_path", "") or "model"
         config.served_model_name = os.path.basename(os.path.normpath(source))
+    searcher = None
+    if index_dir is not None:
+        from ..index import Searcher
+
+        if nprobe is not None and nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        searcher = Searcher(index_dir, model, nprobe=nprobe)
     state = _ServerState(model, config)
 
     @asynccontextmanager
@@ -73,8 +83,12 @@ def create_app(model: AutoModelForEmbedding, config: Optional[ServerConfig] = No
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     _add_routes(app, state)
-    _add_error_handlers(app)
-    app.add_middleware(_GuardMiddleware, api_key=config.api_key, metrics=state.metrics)
+    if searcher is not None:
+        from .search import add_search_route
+
+        add_search_route(app, state, searcher)
+    add_error_handlers(app)
+    app.add_middleware(GuardMiddleware, api_key=config.api_key, metrics=state.metrics)
     if config.cors_origins:  # outermost, so preflight requests need no key
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -97,6 +111,7 @@ class _ServerState:
         self.batcher = DynamicBatcher(self._encode, hidden, config, self.metrics)
         self.max_chars = config.input_chars_limit(_longest_input(model))
         self.probe_ids = model.tokenize(["health check"])  # /health's tiny input, tokenized once
+        self.index_info: Optional[Dict[str, Any]] = None  # set when /v1/search is served
 
     def _encode(self, ids: List[List[int]]):
         return self.model.encode_ids(ids, batch_size=self.config.max_batch_size)
@@ -105,7 +120,8 @@ class _ServerState:
         cfg = self.model.embedding_config
         return {"max_input_length": cfg.max_length, "max_query_length": cfg.max_length_for(True),
                 "max_client_batch_size": self.config.max_client_batch_size, "max_input_chars": self.max_chars,
-                "max_batch_tokens": self.config.max_batch_tokens, "auto_truncate": self.config.auto_truncate}
+                "max_batch_tokens": self.config.max_batch_tokens, "auto_truncate": self.config.auto_truncate,
+                **({"max_top_k": self.config.max_top_k, "index": self.index_info} if self.index_info else {})}
 
 
 # ---------------------------------------------------------------------- routes
@@ -113,51 +129,29 @@ def _add_routes(app: FastAPI, state: _ServerState) -> None:
     config, model = state.config, state.model
 
     async def embeddings(request: Request) -> Response:
-        started = time.perf_counter()
-        try:
-            body = parse_json_body(await _read_body(request, config.max_body_bytes))
+        async def handle(body: Any):
             req = parse_embedding_request(body, state.dimension, config.max_client_batch_size, state.max_chars,
                                           config.auto_truncate)
-            _check_model_name(req.model, config.served_model_name)
-            ids = await _tokenize(state, req.texts, req.is_query, req.truncate)
-            lengths = [len(x) for x in ids]
-            check_token_limits(lengths, model.embedding_config.max_length_for(req.is_query), req.truncate,
-                               config.max_request_tokens, len(req.texts) == 1 and isinstance(body["input"], str))
-            try:
-                job = state.batcher.submit(ids)
-            except QueueFullError as e:
-                raise APIError(429, f"{e}; retry after {config.retry_after} s", code="overloaded",
-                               headers={"Retry-After": str(config.retry_after)}) from None
-            pooled = await _await_job(request, state, job)
-            if pooled is None:  # the client went away; nothing was computed for what was still queued
-                state.metrics.failures.inc(reason="dropped")
-                return Response(status_code=499)
-            vectors = model.finalize_embeddings(pooled, None, req.dimensions).numpy()
+            embedded = await embed_texts(request, state, req, isinstance(body["input"], str))
+            if embedded is None:
+                return None
+            vectors, lengths = embedded
             payload = embedding_response(vectors, req.encoding_format, config.served_model_name, sum(lengths))
-        except APIError as e:
-            state.metrics.failures.inc(reason=e.code or str(e.status))
-            return _error_response(e)
-        except Exception:
-            logger.exception("embedding request failed")
-            state.metrics.failures.inc(reason="internal")
-            return _error_response(APIError(500, "internal server error while computing embeddings",
-                                            code="internal_error"))
-        state.metrics.embeddings.inc(len(lengths))
-        state.metrics.prompt_tokens.inc(sum(lengths))
-        state.metrics.request_duration.observe(time.perf_counter() - started)
-        return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
+            return payload, len(lengths), sum(lengths)
+
+        return await answer(request, state, handle, "embeddings")
 
     async def list_models() -> Response:
         card = model_card(config.served_model_name, state.created, state.dimension, state.limits())
-        return _json({"object": "list", "data": [card]})
+        return json_response({"object": "list", "data": [card]})
 
     async def get_model(model_id: str) -> Response:
         _check_model_name(model_id, config.served_model_name)
-        return _json(model_card(config.served_model_name, state.created, state.dimension, state.limits()))
+        return json_response(model_card(config.served_model_name, state.created, state.dimension, state.limits()))
 
     async def info() -> Response:
         cfg = model.embedding_config
-        return _json({"version": __version__, "model": config.served_model_name, "dimension": state.dimension,
+        return json_response({"version": __version__, "model": config.served_model_name, "dimension": state.dimension,
                       "pooling_method": cfg.pooling_method, "normalize_embeddings": cfg.normalize_embeddings,
                       "query_instruction": cfg.query_instruction, "document_instruction": cfg.document_instruction,
                       **state.limits(), "server": config.public()})
@@ -166,8 +160,8 @@ def _add_routes(app: FastAPI, state: _ServerState) -> None:
         try:
             await _probe(state)
         except APIError as e:
-            return _error_response(e)
-        return _json({"status": "ok", "model": config.served_model_name})
+            return error_response(e)
+        return json_response({"status": "ok", "model": config.served_model_name})
 
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -196,6 +190,50 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def answer(request: Request, state: _ServerState, handle, what: str) -> Response:
+    """Read the JSON body and answer ``await handle(body) -> (payload, texts, tokens)`` (``None``: the client
+    went away); errors get the envelope (500s without details), and every outcome is counted."""
+    started = time.perf_counter()
+    try:
+        result = await handle(parse_json_body(await _read_body(request, state.config.max_body_bytes)))
+        if result is None:  # the client went away; nothing was computed for what was still queued
+            state.metrics.failures.inc(reason="dropped")
+            return Response(status_code=499)
+        payload, texts, tokens = result
+    except APIError as e:
+        state.metrics.failures.inc(reason=e.code or str(e.status))
+        return error_response(e)
+    except Exception:
+        logger.exception("%s request failed", what)
+        state.metrics.failures.inc(reason="internal")
+        return error_response(APIError(500, f"internal server error while computing {what}", code="internal_error"))
+    state.metrics.embeddings.inc(texts)
+    state.metrics.prompt_tokens.inc(tokens)
+    state.metrics.request_duration.observe(time.perf_counter() - started)
+    return json_response(payload)
+
+
+async def embed_texts(request: Request, state: _ServerState, req: EmbeddingRequest, single: bool,
+                      field: str = "input") -> Optional[Tuple[np.ndarray, List[int]]]:
+    """The one embedding path of every route: model name, tokenize (instruction, max length, truncation),
+    token limits, the shared batcher, finalize. ``(vectors, tokens per text)``; ``None``: the client went away."""
+    config = state.config
+    _check_model_name(req.model, config.served_model_name)
+    ids = await _tokenize(state, req.texts, req.is_query, req.truncate)
+    lengths = [len(x) for x in ids]
+    check_token_limits(lengths, state.model.embedding_config.max_length_for(req.is_query), req.truncate,
+                       config.max_request_tokens, len(req.texts) == 1 and single, field)
+    try:
+        job = state.batcher.submit(ids)
+    except QueueFullError as e:
+        raise APIError(429, f"{e}; retry after {config.retry_after} s", code="overloaded",
+                       headers={"Retry-After": str(config.retry_after)}) from None
+    pooled = await _await_job(request, state, job)
+    if pooled is None:
+        return None
+    return state.model.finalize_embeddings(pooled, None, req.dimensions).numpy(), lengths
 
 
 def _check_model_name(name: Optional[str], served: str) -> None:
@@ -254,74 +292,3 @@ async def _probe(state: _ServerState) -> None:
         raise APIError(503, "model call failed", code="unhealthy") from None
     if not bool(vector.isfinite().all()):
         raise APIError(503, "model returned non-finite values", code="unhealthy")
-
-
-# ---------------------------------------------------------------------- errors, auth, metrics
-def _json(payload: Dict[str, Any], status: int = 200) -> Response:
-    return Response(json.dumps(payload, separators=(",", ":")), status_code=status, media_type="application/json")
-
-
-def _error_response(error: APIError) -> Response:
-    response = _json(error.body(), error.status)
-    response.headers.update(error.headers)
-    return response
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        message = {404: f"no route {request.url.path[:80]!r}", 405: f"method {request.method} not allowed here"}
-        return _error_response(APIError(exc.status_code, message.get(exc.status_code, str(exc.detail)),
-                                        code="not_found" if exc.status_code == 404 else None))
-
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        logger.exception("unhandled error on %s", request.url.path[:80])
-        return _error_response(APIError(500, "internal server error", code="internal_error"))
-
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, internal_error)
-
-
-def _route_label(path: str) -> str:
-    if path in ROUTES:
-        return path
-    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
-
-
-class _GuardMiddleware:
-    """API-key check (constant time) on every route but ``/health``; counts responses by route and code."""
-
-    def __init__(self, app, api_key: Optional[str], metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
-        self.key = api_key.encode("utf-8") if api_key is not None else None
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = {"code": 500}
-
-        async def send_and_record(message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        if self.key is not None and scope["path"] != "/health" and not self.authorized(scope):
-            await _error_response(APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                                  )(scope, receive, send_and_record)
-            self.metrics.failures.inc(reason="invalid_api_key")
-        else:
-            await self.app(scope, receive, send_and_record)
-        self.metrics.requests.inc(route=_route_label(scope["path"]), code=str(status["code"]))
-
-    def authorized(self, scope) -> bool:
-        header = b""
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                header = value
-                break
-        scheme, _, token = header.partition(b" ")
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token:
-            return False
-        return hmac.compare_digest(token, self.key)

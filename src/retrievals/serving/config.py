@@ -35,11 +35,13 @@ class ServerConfig:
     request_timeout: float = field(default=60.0, metadata={"help": "Seconds until an admitted request gets 503"})
     health_timeout: float = field(default=10.0, metadata={"help": "Seconds /health waits for the model"})
     retry_after: int = field(default=1, metadata={"help": "Retry-After seconds sent with 429"})
+    max_top_k: int = field(default=1000, metadata={"help": "Largest `top_k` of /v1/search (more: 422)"})
     cors_origins: List[str] = field(default_factory=list, metadata={"help": "Origins allowed by CORS (off by default)"})
 
     def check(self, max_input_length: int) -> None:
         """Raise ``ValueError`` for settings that could never serve a valid request."""
-        positive = ("max_client_batch_size", "max_body_bytes", "max_batch_tokens", "max_batch_size", "max_queue_items")
+        positive = ("max_client_batch_size", "max_body_bytes", "max_batch_tokens", "max_batch_size", "max_queue_items",
+                    "max_top_k")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -133,7 +133,7 @@ class ServerMetrics(MetricsRegistry):
         self.requests = self.add(Counter("retrievals_requests_total", "HTTP responses by route and status code.",
                                          ("route", "code")))
         self.failures = self.add(Counter("retrievals_request_failures_total",
-                                         "Failed embedding requests by reason.", ("reason",)))
+                                         "Failed embedding and search requests by reason.", ("reason",)))
         self.embeddings = self.add(Counter("retrievals_embeddings_total", "Texts embedded."))
         self.prompt_tokens = self.add(Counter("retrievals_prompt_tokens_total", "Tokens embedded (after truncation)."))
         self.queue_size = self.add(Gauge("retrievals_queue_size", "Texts waiting for a batch."))
@@ -141,10 +141,13 @@ class ServerMetrics(MetricsRegistry):
         self.batch_size = self.add(Histogram("retrievals_batch_size", "Texts per model batch.", SIZE_BUCKETS))
         self.batch_tokens = self.add(Histogram("retrievals_batch_tokens", "Tokens per model batch.", TOKEN_BUCKETS))
         self.request_duration = self.add(Histogram("retrievals_request_duration_seconds",
-                                                   "Embedding request latency (admitted requests).", LATENCY_BUCKETS))
+                                                   "Embedding and search request latency (admitted requests).", LATENCY_BUCKETS))
         self.tokenize_duration = self.add(Histogram("retrievals_tokenize_duration_seconds",
                                                     "Tokenization time per request.", LATENCY_BUCKETS))
         self.queue_duration = self.add(Histogram("retrievals_queue_duration_seconds",
                                                  "Time from admission to the start of the batch.", LATENCY_BUCKETS))
         self.inference_duration = self.add(Histogram("retrievals_inference_duration_seconds",
                                                      "Model time per batch.", LATENCY_BUCKETS))
+        self.searches = self.add(Counter("retrievals_search_queries_total", "Queries searched in the index."))
+        self.search_duration = self.add(Histogram("retrievals_index_search_duration_seconds",
+                                                  "Index search time per /v1/search request.", LATENCY_BUCKETS))

@@ -17,12 +17,12 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 import numpy as np
 
 __all__ = ["APIError", "EmbeddingRequest", "parse_json_body", "parse_embedding_request", "embedding_response",
-           "error_body", "MAX_ECHO_CHARS"]
+           "error_body", "check_fields", "optional_field", "parse_texts", "MAX_ECHO_CHARS", "MISSING"]
 
 MAX_ECHO_CHARS = 40  # an error message never quotes more of a client's text than this
 KNOWN_FIELDS = {"input", "model", "encoding_format", "dimensions", "user", "input_type", "truncate"}
@@ -77,16 +77,9 @@ def parse_json_body(raw: bytes) -> Any:
 def parse_embedding_request(body: Any, dimension: int, max_items: int, max_chars: int,
                             auto_truncate: bool) -> EmbeddingRequest:
     """Validate an embeddings request body; raise :class:`APIError` naming the bad field."""
-    if not isinstance(body, dict):
-        raise APIError(422, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_type")
-    unknown = sorted(set(body) - KNOWN_FIELDS)
-    if unknown:
-        raise APIError(422, f"unrecognized request argument(s): {', '.join(map(_short, unknown))}; "
-                            f"accepted: {', '.join(sorted(KNOWN_FIELDS))}", param=unknown[0], code="unknown_field")
-    texts = _parse_input(body.get("input", _MISSING), max_items, max_chars)
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise APIError(422, f"'model' must be a string, got {type(model).__name__}", param="model", code="invalid_type")
+    check_fields(body, KNOWN_FIELDS)
+    texts = parse_texts(body.get("input", MISSING), max_items, max_chars)
+    model = optional_field(body, "model", str, "a string")
     encoding_format = body.get("encoding_format") or "float"
     if encoding_format not in ("float", "base64"):
         raise APIError(422, f"'encoding_format' must be 'float' or 'base64', got {_short(encoding_format)!r}",
@@ -99,47 +92,64 @@ def parse_embedding_request(body: Any, dimension: int, max_items: int, max_chars
     if input_type not in ("query", "document"):
         raise APIError(422, f"'input_type' must be 'query' or 'document', got {_short(input_type)!r}",
                        param="input_type", code="invalid_value")
-    truncate = body.get("truncate", auto_truncate)
-    if not isinstance(truncate, bool):
-        raise APIError(422, f"'truncate' must be true or false, got {_short(truncate)}", param="truncate",
-                       code="invalid_type")
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise APIError(422, "'user' must be a string", param="user", code="invalid_type")
+    truncate = optional_field(body, "truncate", bool, "true or false", auto_truncate)
+    optional_field(body, "user", str, "a string")
     return EmbeddingRequest(texts, model, encoding_format, dimensions, input_type == "query", truncate)
 
 
-_MISSING = object()
+MISSING = object()
 
 
-def _parse_input(value: Any, max_items: int, max_chars: int) -> List[str]:
-    if value is _MISSING or value is None:
-        raise APIError(422, "'input' is required: a string or a list of strings", param="input", code="missing_field")
+def check_fields(body: Any, known: Set[str]) -> None:
+    """422 unless ``body`` is a JSON object with only ``known`` fields."""
+    if not isinstance(body, dict):
+        raise APIError(422, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_type")
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise APIError(422, f"unrecognized request argument(s): {', '.join(map(_short, unknown))}; "
+                            f"accepted: {', '.join(sorted(known))}", param=unknown[0], code="unknown_field")
+
+
+def optional_field(body: Dict[str, Any], name: str, kind: type, what: str, default: Any = None) -> Any:
+    """``body[name]`` (``default`` when absent or null); 422 unless it is a ``kind``."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind):
+        raise APIError(422, f"'{name}' must be {what}, got {_short(value)}", param=name, code="invalid_type")
+    return value
+
+
+def parse_texts(value: Any, max_items: int, max_chars: int, field: str = "input") -> List[str]:
+    """A string or a non-empty list of strings (at most ``max_items``, each non-blank, at most ``max_chars``)."""
+    if value is MISSING or value is None:
+        raise APIError(422, f"'{field}' is required: a string or a list of strings", param=field, code="missing_field")
     if isinstance(value, str):
         texts = [value]
     elif isinstance(value, list):
         texts = value
     else:
-        raise APIError(422, f"'input' must be a string or a list of strings, got {type(value).__name__}",
-                       param="input", code="invalid_type")
+        raise APIError(422, f"'{field}' must be a string or a list of strings, got {type(value).__name__}",
+                       param=field, code="invalid_type")
     if not texts:
-        raise APIError(400, "'input' must contain at least 1 item", param="input", code="empty_input")
+        raise APIError(400, f"'{field}' must contain at least 1 item", param=field, code="empty_input")
     if len(texts) > max_items:
-        raise APIError(422, f"batch size {len(texts)} > maximum allowed batch size {max_items}", param="input",
+        raise APIError(422, f"batch size {len(texts)} > maximum allowed batch size {max_items}", param=field,
                        code="too_many_inputs")
     for i, text in enumerate(texts):
-        where = "input" if isinstance(value, str) else f"input[{i}]"
+        where = field if isinstance(value, str) else f"{field}[{i}]"
         if not isinstance(text, str):
             raise APIError(422, f"{where} must be a string, got {type(text).__name__} (token-id inputs are not "
-                                "supported)", param="input", code="invalid_type")
+                                "supported)", param=field, code="invalid_type")
         if not text.strip():
-            raise APIError(400, f"{where} cannot be empty or whitespace only", param="input", code="empty_input")
+            raise APIError(400, f"{where} cannot be empty or whitespace only", param=field, code="empty_input")
         if len(text) > max_chars:
-            raise APIError(422, f"{where} has {len(text)} characters; the maximum is {max_chars}", param="input",
+            raise APIError(422, f"{where} has {len(text)} characters; the maximum is {max_chars}", param=field,
                            code="input_too_long")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise APIError(400, f"{where} is not valid Unicode (it contains a lone surrogate)", param="input",
+            raise APIError(400, f"{where} is not valid Unicode (it contains a lone surrogate)", param=field,
                            code="invalid_text") from None
     return texts
 
@@ -162,15 +172,15 @@ def model_card(name: str, created: int, dimension: int, limits: Dict[str, Any]) 
 
 
 def check_token_limits(lengths: Sequence[int], max_length: int, truncate: bool, max_request_tokens: Optional[int],
-                       is_single: bool) -> None:
+                       is_single: bool, field: str = "input") -> None:
     """422 for a text over ``max_length`` tokens (when not truncating) or a request over its token cap."""
     if not truncate:
         for i, n in enumerate(lengths):
             if n > max_length:
-                where = "input" if is_single else f"input[{i}]"
+                where = field if is_single else f"{field}[{i}]"
                 raise APIError(422, f"{where} has {n} tokens; the maximum is {max_length} "
-                                    "(send \"truncate\": true to cut it)", param="input", code="input_too_long")
+                                    "(send \"truncate\": true to cut it)", param=field, code="input_too_long")
     total = sum(lengths)
     if max_request_tokens is not None and total > max_request_tokens:
         raise APIError(422, f"request has {total} tokens; the maximum per request is {max_request_tokens}",
-                       param="input", code="too_many_tokens")
+                       param=field, code="too_many_tokens")
