@@ -244,3 +244,23 @@ def test_quantised_shards(model_dir, tmp_path, dtype):
         assert stored.dtype == np.uint8 and (np.unpackbits(stored, axis=1) == (floats > 0)).all()
     build_index(str(tmp_path / "vec"), str(tmp_path / "idx"))
     assert search(str(tmp_path / "idx"), ["cat dog"], top_k=5).ids[0]
+
+
+def test_stored_texts_read_by_row_group(model_dir, tmp_path, monkeypatch):
+    from retrievals.index import shards
+    from retrievals.index.texts import stored_texts
+
+    monkeypatch.setattr(shards, "ROW_GROUP_ROWS", 3)
+    corpus, rows = write_corpus(tmp_path / "corpus.jsonl", n=40)
+    encode_to_shards(job(corpus, tmp_path / "vec", model_dir, store_text=True), show_progress=False)
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(tmp_path / "vec" / "shard-00000.parquet").num_row_groups == 6
+    wanted = [0, 4, 17, 31, 39]
+    assert stored_texts(str(tmp_path / "vec"), wanted) == {r: f"{rows[r]['title']} {rows[r]['text']}" for r in wanted}
+    with pytest.raises(IndexError, match="row 40 is outside"):
+        stored_texts(str(tmp_path / "vec"), [40])
+    plain = tmp_path / "plain"
+    encode_to_shards(job(corpus, plain, model_dir), show_progress=False)
+    with pytest.raises(ValueError, match="text was not kept"):
+        stored_texts(str(plain), [1])

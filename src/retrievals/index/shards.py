@@ -16,6 +16,7 @@ from .manifest import ShardInfo, VectorsManifest, file_sha256
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "int8", "binary")
+ROW_GROUP_ROWS = 4096  # small row groups: a few stored texts are read without reading the whole shard
 
 
 def shard_name(index: int) -> str:
@@ -68,7 +69,7 @@ def write_shard(folder: str, index: int, first_row: int, ids: Sequence[str], sto
     name = shard_name(index)
     path = os.path.join(folder, name)
     tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(pa.table(columns), tmp)
+    pq.write_table(pa.table(columns), tmp, row_group_size=ROW_GROUP_ROWS)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import bisect
 from typing import Dict, Iterable, Optional
 
-from .manifest import VectorsManifest
-from .shards import read_shard
+from .manifest import ShardInfo, VectorsManifest
+from .shards import verify_shard
+
+_VERIFIED: set = set()  # (path, sha256) of shards already checked in this process
 
 
 def stored_texts(vectors_dir: str, rows: Iterable[int], manifest: Optional[VectorsManifest] = None) -> Dict[int, str]:
@@ -26,6 +28,32 @@ def stored_texts(vectors_dir: str, rows: Iterable[int], manifest: Optional[Vecto
         wanted.setdefault(at, []).append(row)
     out: Dict[int, str] = {}
     for at, needed in wanted.items():
-        texts = read_shard(vectors_dir, shards[at], manifest, columns=("text",))["text"]
-        out.update({row: texts[row - shards[at].first_row] for row in needed})
+        out.update(_texts_of_shard(vectors_dir, shards[at], sorted(needed)))
+    return out
+
+
+def _texts_of_shard(vectors_dir: str, info: ShardInfo, rows: list) -> Dict[int, str]:
+    """Read only the row groups holding ``rows``; the shard's checksum is checked once per process."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    path = os.path.join(vectors_dir, info.name)
+    if (path, info.sha256) not in _VERIFIED:
+        problem = verify_shard(vectors_dir, info)
+        if problem:
+            raise ValueError(f"{path}: {problem}; re-run the encode to rebuild it")
+        _VERIFIED.add((path, info.sha256))
+    parquet = pq.ParquetFile(path)
+    bounds, start = [], 0
+    for group in range(parquet.num_row_groups):
+        size = parquet.metadata.row_group(group).num_rows
+        bounds.append((start, start + size))
+        start += size
+    out: Dict[int, str] = {}
+    for group, (lo, hi) in enumerate(bounds):
+        local = [r for r in rows if lo <= r - info.first_row < hi]
+        if local:
+            texts = parquet.read_row_group(group, columns=["text"]).column("text").to_pylist()
+            out.update({r: texts[r - info.first_row - lo] for r in local})
     return out
