@@ -113,6 +113,10 @@ def encode_to_shards(job: EncodeJob, engine: str = "local", encoder: Optional[Ba
     """Encode ``job.corpus`` into ``job.output_dir``; returns the finished manifest."""
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; valid engines are: {', '.join(ENGINES)}")
+    if engine == "ray":  # the install hint before any work
+        from .ray_engine import import_ray
+
+        import_ray()
     encoder = encoder or BatchEncoder(job.model_name_or_path, batch_size=job.batch_size, precision=job.precision)
     reader = CorpusReader(job.corpus, job.corpus_options)
     manifest = prepare_manifest(job, encoder.model, reader)
