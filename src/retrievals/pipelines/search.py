@@ -72,9 +72,11 @@ def run_search(args: SearchArguments) -> SearchResult:
     if args.engine == "ray":
         from ..index.ray_engine import search_with_ray
 
+        if args.model_name_or_path or args.exact_search:
+            raise ValueError("--engine ray searches the index with the model that made it: drop "
+                             "--model_name_or_path / --exact_search, or use --engine local")
         result = search_with_ray(args.index_dir, list(queries.values()), top_k=args.top_k,
-                                 num_workers=args.num_workers, ray_address=args.ray_address, nprobe=args.nprobe,
-                                 model_name_or_path=args.model_name_or_path)
+                                 num_workers=args.num_workers, ray_address=args.ray_address, nprobe=args.nprobe)
     elif args.engine == "local":
         searcher = Searcher(args.index_dir, model=args.model_name_or_path, nprobe=args.nprobe)
         result = searcher.search(list(queries.values()), top_k=args.top_k, batch_size=args.batch_size,
