@@ -211,10 +211,15 @@ def test_search_with_ray_equals_one_process(model_dir, tmp_path, ray_tmp):
     assert found.ids == ids and len(found.ray_report.pids) == 2
     np.testing.assert_allclose(found.scores, scores, rtol=0, atol=1e-6)
     texts = [f"{r['title']} {r['text']}" for r in rows[:12]] + ["cat dog", "blue ocean"]
-    by_text = search_with_ray(str(tmp_path / "idx"), texts, top_k=4, num_workers=2, batch_size=4, temp_dir=ray_tmp)
+    (tmp_path / "queries.txt").write_text("\n".join(texts) + "\n")
+    from retrievals.pipelines import search as search_cli  # the command line's --engine ray (texts)
+
+    assert search_cli.main(["--index_dir", str(tmp_path / "idx"), "--queries", str(tmp_path / "queries.txt"),
+                            "--output_file", str(tmp_path / "run.jsonl"), "--top_k", "4", "--engine", "ray"]) == 0
+    by_text = [json.loads(line)["results"] for line in open(tmp_path / "run.jsonl")]
     local = Searcher(str(tmp_path / "idx")).search(texts, top_k=4)
-    assert by_text.ids == local.ids and by_text.ids[0][0] == rows[0]["_id"]
-    np.testing.assert_allclose(by_text.scores, local.scores, rtol=0, atol=1e-6)
+    assert [[h["id"] for h in hits] for hits in by_text] == local.ids and by_text[0][0]["id"] == rows[0]["_id"]
+    np.testing.assert_allclose([[h["score"] for h in hits] for hits in by_text], local.scores, rtol=0, atol=1e-6)
 
 
 def test_ray_engine_without_ray_names_the_install_hint(model_dir, tmp_path, monkeypatch):
