@@ -299,10 +299,12 @@ def test_overload_answers_429_and_accepted_requests_succeed(model, monkeypatch):
 
 def test_a_disconnected_client_costs_no_compute(model, monkeypatch):
     with start(model) as srv:
-        calls = slow_model(model, monkeypatch, 0.5)
+        calls = slow_model(model, monkeypatch, 1.0)
         blocker = threading.Thread(target=embed, args=(srv,), kwargs={"input": "keeps the model busy"})
         blocker.start()
-        time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:  # the model is busy with the blocker (slow machines)
+            time.sleep(0.01)
         body = b'{"input": ["dropped one", "dropped two"]}'
         with socket.create_connection((srv.host, srv.port)) as sock:
             sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
