@@ -79,7 +79,18 @@ def sample_indices(rng: random.Random, size: int, need: int) -> List[int]:
     return [rng.randrange(size) for _ in range(need)]
 
 
-class RetrievalDataset(Dataset):
+class EpochSampled(Dataset):
+    """A dataset whose items are drawn per ``(seed, index, epoch)``; ``RetrievalTrainer`` calls
+    :meth:`set_epoch` at each epoch begin."""
+
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the items of ``epoch`` from now on."""
+        self.epoch = int(epoch)
+
+
+class RetrievalDataset(EpochSampled):
     """``{"query", "positive", "negative": [...]}`` items; ``negative`` is empty for pair data.
 
     ``train_group_size`` = 1 positive + (n - 1) negatives per item. Negatives are sampled without
@@ -128,10 +139,6 @@ class RetrievalDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw the items of ``epoch`` from now on (called by ``RetrievalTrainer`` at each epoch begin)."""
-        self.epoch = int(epoch)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         row = self.rows[index]
@@ -190,7 +197,7 @@ class PointwiseDataset(Dataset):
         return self.rows[index]
 
 
-class ListwiseDataset(Dataset):
+class ListwiseDataset(EpochSampled):
     """``{"query", "documents", "scores"}`` items of exactly ``group_size`` documents.
 
     The first document of a record is always kept (it is the collator's ``positive``); the other
@@ -230,10 +237,6 @@ class ListwiseDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw the items of ``epoch`` from now on (called by ``RetrievalTrainer`` at each epoch begin)."""
-        self.epoch = int(epoch)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         row = self.rows[index]

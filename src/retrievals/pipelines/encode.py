@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..index.corpus import CorpusOptions
-from ..index.encode import BatchEncoder, EncodeJob, encode_to_shards
+from ..index.encode import EncodeJob, encode_to_shards
 from ..index.manifest import VectorsManifest
 from .cli import run_cli
 
@@ -52,8 +52,7 @@ def run_encode(args: EncodeArguments) -> VectorsManifest:
                     shard_size=args.shard_size, chunk_rows=args.chunk_rows, batch_size=args.batch_size,
                     dtype=args.dtype, store_text=args.store_text, precision=args.precision, corpus_options=options)
     engine_kwargs = {"num_workers": args.num_workers, "ray_address": args.ray_address} if args.engine == "ray" else {}
-    encoder = BatchEncoder(args.model_name_or_path, batch_size=args.batch_size, precision=args.precision)
-    manifest = encode_to_shards(job, engine=args.engine, encoder=encoder, **engine_kwargs)
+    manifest = encode_to_shards(job, engine=args.engine, **engine_kwargs)  # its default encoder uses the job's settings
     print(f"{manifest.count} vectors ({manifest.dimension}-d {manifest.dtype}) in {len(manifest.shards)} shards "
           f"in {args.output_dir}; {manifest.skipped} records skipped")
     return manifest
