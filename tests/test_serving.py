@@ -350,16 +350,3 @@ def test_metrics_move_with_requests(model):
         assert "retrievals_batch_size_sum" in text and "retrievals_queue_size 0" in text
         assert "blue sky" not in text
 
-
-def test_int8_model_is_served_like_its_encode(tiny_bert_dir):
-    from transformers import HfArgumentParser
-
-    from retrievals.pipelines.serve import ServeArguments
-
-    parsed, = HfArgumentParser([ServeArguments]).parse_args_into_dataclasses(
-        ["--model_name_or_path", tiny_bert_dir, "--quantization", "int8"])
-    assert parsed.quantization == "int8"
-    int8 = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, pooling_method="mean", quantization=parsed.quantization)
-    with start(int8) as srv:
-        got = np.array([d["embedding"] for d in embed(srv, input=TEXTS).json()["data"]])
-    np.testing.assert_allclose(got, int8.encode(TEXTS), atol=1e-5)

@@ -116,3 +116,21 @@ def test_saved_model_serves_openai_clients_and_shuts_down_gracefully(minilm_dir,
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_int8_model_is_served_like_its_encode(tiny_bert_dir):
+    from transformers import HfArgumentParser
+
+    from retrievals import AutoModelForEmbedding
+    from retrievals.pipelines.serve import ServeArguments
+    from retrievals.serving import BackgroundServer, ServerConfig, create_app
+
+    parsed, = HfArgumentParser([ServeArguments]).parse_args_into_dataclasses(
+        ["--model_name_or_path", tiny_bert_dir, "--quantization", "int8"])
+    assert parsed.quantization == "int8"
+    int8 = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, pooling_method="mean", quantization=parsed.quantization)
+    texts = ["hello world", "what is the ocean", "the cat and the dog eat fish", "blue sky"]
+    with BackgroundServer(create_app(int8, ServerConfig(served_model_name="tiny"))).start() as srv:
+        response = httpx.post(srv.url + "/v1/embeddings", json={"input": texts}, timeout=30)
+        got = np.array([d["embedding"] for d in response.json()["data"]])
+    np.testing.assert_allclose(got, int8.encode(texts), atol=1e-5)

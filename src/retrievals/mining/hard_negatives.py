@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
+
+from .false_negatives import FalseNegativeFilter
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +102,12 @@ class PositiveRule:
         return normalize_text(doc.full_text) in banned or normalize_text(doc.text) in banned
 
 
-def _search(query_emb: np.ndarray, corpus_emb: np.ndarray, k: int) -> np.ndarray:
+def _search(query_emb: np.ndarray, corpus_emb: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
     import faiss
 
     index = faiss.IndexFlatIP(corpus_emb.shape[1])
     index.add(np.ascontiguousarray(corpus_emb, dtype=np.float32))
-    _, indices = index.search(np.ascontiguousarray(query_emb, dtype=np.float32), min(k, corpus_emb.shape[0]))
-    return indices
+    return index.search(np.ascontiguousarray(query_emb, dtype=np.float32), min(k, corpus_emb.shape[0]))
 
 
 def _corpus(model, records: List[Dict[str, Any]], candidate_pool: Optional[Sequence[PoolEntry]], positive_key: str,
@@ -140,6 +142,9 @@ def mine_hard_negatives(
     batch_size: int = 64,
     corpus_embeddings: Optional[np.ndarray] = None,
     positive_id_key: Optional[str] = None,
+    false_negatives: Optional[FalseNegativeFilter] = None,
+    teacher: Any = None,
+    report: Optional[Dict[str, int]] = None,
 ) -> List[Dict[str, Any]]:
     """Return copies of ``records`` whose ``negative_key`` holds ``negative_number`` mined negatives.
 
@@ -150,7 +155,10 @@ def mine_hard_negatives(
     field of positive pool ids) and duplicates are removed; a seeded sample is drawn; when too few
     survive, the rest is back-filled from random corpus documents under the same rule. Negatives are
     the documents' full texts, as embedded. ``corpus_embeddings`` (rows aligned with ``candidate_pool``)
-    skips re-encoding the pool.
+    skips re-encoding the pool. ``false_negatives`` (:class:`~.false_negatives.FalseNegativeFilter`) drops
+    likely unlabelled positives by score against the positive's, or by ``teacher`` (a cross-encoder or
+    bi-encoder, asked only about the candidates a query still needs); ``report`` (a dict) receives the
+    count each rule dropped and ``backfilled_queries``.
     """
     if negative_number < 1:
         raise ValueError(f"negative_number must be >= 1, got {negative_number}")
@@ -160,30 +168,110 @@ def mine_hard_negatives(
     rule = PositiveRule(pool, query_key, positive_key, positive_id_key)
     query_emb = np.asarray(model.encode_queries([r[query_key] for r in records], batch_size=batch_size,
                                                 show_progress_bar=True))
-    hits = _search(query_emb, corpus_emb, end)
-    out, backfilled = [], 0
+    scores, hits = _search(query_emb, corpus_emb, end)
+    rules = false_negatives or FalseNegativeFilter()
+    if rules.uses_teacher and teacher is None:
+        raise ValueError("false_negatives.teacher_threshold needs a teacher model")
+    positive_scores = _positive_scores(model, records, query_emb, positive_key, batch_size) \
+        if rules.uses_positive_scores else [math.inf] * len(records)
+    counts = report if report is not None else {}
+    candidates_per_record, rngs = [], []
     for i, record in enumerate(records):
         banned = rule.banned_keys(record)
-        rng = random.Random(seed * 1_000_003 + i)
-        candidates = _dedupe([corpus[j] for j in hits[i][start:end] if j >= 0])
-        candidates = [c for c in candidates if not rule.is_banned(c, banned)]
-        chosen = rng.sample(candidates, negative_number) if len(candidates) > negative_number else candidates
+        ranked = _dedupe_scored([(corpus[j], float(s)) for j, s in zip(hits[i][start:end], scores[i][start:end])
+                                 if j >= 0])
+        ranked = [(c, s) for c, s in ranked if not rule.is_banned(c, banned)]
+        kept = rules.split_by_score([c for c, _ in ranked], [s for _, s in ranked], positive_scores[i], counts)
+        candidates_per_record.append(kept)
+        rngs.append(random.Random(seed * 1_000_003 + i))
+    if rules.uses_teacher:
+        chosen_per_record = _teacher_choice(teacher, rules, records, query_key, candidates_per_record, rngs,
+                                            negative_number, batch_size, counts)
+    else:
+        chosen_per_record = [rng.sample(c, negative_number) if len(c) > negative_number else c
+                             for c, rng in zip(candidates_per_record, rngs)]
+    out, backfilled = [], 0
+    for i, (record, chosen, rng) in enumerate(zip(records, chosen_per_record, rngs)):
         if len(chosen) < negative_number:
             backfilled += 1
-            banned |= {normalize_text(c.full_text) for c in chosen}
-            chosen = chosen + _backfill(corpus, rule, banned, negative_number - len(chosen), rng)
+            banned = rule.banned_keys(record) | {normalize_text(c.full_text) for c in chosen}
+            allowed = None
+            if rules.uses_positive_scores:  # back-filled documents obey the score rules too
+                limit = min(limit for _, limit in rules.limits(positive_scores[i]))
+                allowed = corpus_emb @ query_emb[i] <= limit
+            chosen = chosen + _backfill(corpus, rule, banned, negative_number - len(chosen), rng, allowed)
         out.append({**record, negative_key: [c.full_text for c in chosen]})
+    counts["backfilled_queries"] = backfilled
     if backfilled:
         logger.warning("%d of %d queries had fewer than %d candidates in range %d-%d; back-filled randomly",
                        backfilled, len(records), negative_number, start, end)
     if rule.unknown_ids:
         logger.warning("%d positive ids (field %r) are not in the candidate pool", rule.unknown_ids, positive_id_key)
+    dropped = {k: v for k, v in counts.items() if k in ("max_positive_ratio", "positive_margin", "teacher_threshold")}
+    if dropped:
+        logger.info("False-negative rules dropped candidates: %s", dropped)
     return out
 
 
+def _dedupe_scored(ranked: Sequence[Tuple[PoolDocument, float]]) -> List[Tuple[PoolDocument, float]]:
+    seen, out = set(), []
+    for doc, score in ranked:
+        key = normalize_text(doc.full_text)
+        if key not in seen:
+            seen.add(key)
+            out.append((doc, score))
+    return out
+
+
+def _positive_scores(model, records: List[Dict[str, Any]], query_emb: np.ndarray, positive_key: str,
+                     batch_size: int) -> List[float]:
+    """Each record's lowest query-positive score (``inf`` without positives: no limit)."""
+    positions: Dict[str, int] = {}
+    for record in records:
+        for text in _as_list(record.get(positive_key)):
+            positions.setdefault(text, len(positions))
+    if not positions:
+        return [math.inf] * len(records)
+    emb = np.asarray(model.encode_corpus(list(positions), batch_size=batch_size), dtype=np.float32)
+    out = []
+    for i, record in enumerate(records):
+        rows = [positions[t] for t in _as_list(record.get(positive_key))]
+        out.append(float((emb[rows] @ query_emb[i]).min()) if rows else math.inf)
+    return out
+
+
+def _teacher_choice(teacher, rules: FalseNegativeFilter, records: List[Dict[str, Any]], query_key: str,
+                    candidates_per_record: List[List[PoolDocument]], rngs: List[random.Random],
+                    negative_number: int, batch_size: int, counts: Dict[str, int]) -> List[List[PoolDocument]]:
+    """Candidates in a seeded random order, checked by the teacher a round at a time (only as many as are
+    still needed per query, all queries in one scoring call) until each query has enough or none remain."""
+    from ..models.cross_encoder import CrossEncoder
+    from .teacher import score_candidates
+
+    cross = isinstance(teacher, CrossEncoder)
+    orders = [rng.sample(c, len(c)) for c, rng in zip(candidates_per_record, rngs)]
+    chosen: List[List[PoolDocument]] = [[] for _ in records]
+    cursor = [0] * len(records)
+    while True:
+        todo = [i for i in range(len(records)) if len(chosen[i]) < negative_number and cursor[i] < len(orders[i])]
+        if not todo:
+            return chosen
+        batches = {i: orders[i][cursor[i]:cursor[i] + negative_number - len(chosen[i])] for i in todo}
+        scored = score_candidates(teacher, [records[i][query_key] for i in todo],
+                                  [[d.full_text for d in batches[i]] for i in todo], batch_size=batch_size)
+        for i, row in zip(todo, scored):
+            cursor[i] += len(batches[i])
+            for doc, score in zip(batches[i], row):
+                if rules.teacher_relevant(score, cross):
+                    counts["teacher_threshold"] = counts.get("teacher_threshold", 0) + 1
+                else:
+                    chosen[i].append(doc)
+
+
 def _backfill(corpus: Sequence[PoolDocument], rule: PositiveRule, banned: Set[str], count: int,
-              rng: random.Random) -> List[PoolDocument]:
-    pool = [doc for doc in corpus if not rule.is_banned(doc, banned)]
+              rng: random.Random, allowed: Optional[np.ndarray] = None) -> List[PoolDocument]:
+    pool = [doc for j, doc in enumerate(corpus)
+            if not rule.is_banned(doc, banned) and (allowed is None or allowed[j])]
     if len(pool) < count:
         logger.warning("corpus too small: only %d negatives available where %d are needed", len(pool), count)
         return pool

@@ -14,6 +14,11 @@ bi-encoder saved by this package, or a ``...ForSequenceClassification`` cross-en
 ``pos_scores`` / ``neg_scores`` lists aligned with ``positive`` / ``negative`` (FlagEmbedding's format),
 the input of ``embed --loss_fn listwise_kl`` / ``margin_mse``. ``--score_only`` scores the input
 file's own negatives without mining (no ``--model_name_or_path`` needed).
+
+False-negative control (off by default): ``--max_positive_ratio 0.95`` drops candidates scoring above
+95% of the positive's score (NV-Retriever's TopK-PercPos), ``--positive_margin 0.05`` those within 0.05
+of it, ``--teacher_threshold 0.5`` those the teacher scores as relevant. The count each rule dropped
+is logged.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any, Dict, List, Optional
 
 from ..data.jsonl import iter_jsonl, require_str
 from ..data.records import InvalidRecord, text_field, text_list_field
+from ..mining.false_negatives import FalseNegativeFilter
 from ..mining.hard_negatives import PoolDocument, mine_hard_negatives, parse_range
 from ..mining.teacher import load_teacher, score_records
 from ..models.embedding_model import AutoModelForEmbedding
@@ -67,6 +73,14 @@ class BuildHNArguments:
     neg_scores_key: str = field(default="neg_scores", metadata={"help": "Output field of the negatives' teacher scores"})
     score_only: bool = field(default=False, metadata={
         "help": "Do not mine: only score the input file's positives and negatives with the teacher"})
+    max_positive_ratio: Optional[float] = field(default=None, metadata={
+        "help": "False-negative rule (TopK-PercPos): drop candidates scoring above this fraction of the positive's "
+                "score, e.g. 0.95"})
+    positive_margin: Optional[float] = field(default=None, metadata={
+        "help": "False-negative rule (TopK-MarginPos): drop candidates scoring above the positive's score minus this"})
+    teacher_threshold: Optional[float] = field(default=None, metadata={
+        "help": "False-negative rule: drop candidates the teacher (--teacher_model_name_or_path) scores as relevant: "
+                "cross-encoder probability sigmoid(score) (bi-encoder: cosine) at or above this, e.g. 0.5"})
     index_dir: Optional[str] = field(default=None, metadata={
         "help": "Mine from this index (retrievals.pipelines.index) instead of encoding a pool; texts come from the "
                 "shards (encoded with --store_text) or from --candidate_pool (by _id)"})
@@ -78,6 +92,15 @@ class BuildHNArguments:
             raise ValueError("--model_name_or_path is required (the model that mines negatives) unless --score_only")
         if self.positive_id_key and not self.score_only and not self.candidate_pool and not self.index_dir:
             raise ValueError("--positive_id_key needs a --candidate_pool whose records have '_id' fields")
+        if self.teacher_threshold is not None and not self.teacher_model_name_or_path:
+            raise ValueError("--teacher_threshold needs --teacher_model_name_or_path")
+        if self.index_dir and self.false_negatives():
+            raise ValueError("the false-negative rules (--max_positive_ratio, --positive_margin, --teacher_threshold) "
+                             "work with --candidate_pool mining, not yet with --index_dir")
+
+    def false_negatives(self) -> Optional[FalseNegativeFilter]:
+        rules = FalseNegativeFilter(self.max_positive_ratio, self.positive_margin, self.teacher_threshold)
+        return rules if rules.uses_positive_scores or rules.uses_teacher else None
 
 
 def read_input(args: BuildHNArguments) -> List[dict]:
@@ -157,7 +180,7 @@ def mine_with_index(args: BuildHNArguments, records: List[dict]) -> List[dict]:
                            positive_id_key=args.positive_id_key)
 
 
-def mine(args: BuildHNArguments, records: List[dict]) -> List[dict]:
+def mine(args: BuildHNArguments, records: List[dict], teacher: Any = None) -> List[dict]:
     if args.index_dir:
         return mine_with_index(args, records)
     value_range = parse_range(args.range_for_sampling)
@@ -168,7 +191,8 @@ def mine(args: BuildHNArguments, records: List[dict]) -> List[dict]:
     return mine_hard_negatives(model, records, pool, query_key=args.query_key, positive_key=args.positive_key,
                                negative_key=args.negative_key, range_for_sampling=value_range,
                                negative_number=args.negative_number, seed=args.seed, batch_size=args.batch_size,
-                               positive_id_key=args.positive_id_key)
+                               positive_id_key=args.positive_id_key, false_negatives=args.false_negatives(),
+                               teacher=teacher if args.teacher_threshold is not None else None)
 
 
 def run_build_hn(args: BuildHNArguments) -> List[dict]:
@@ -176,9 +200,10 @@ def run_build_hn(args: BuildHNArguments) -> List[dict]:
     if not args.score_only:
         parse_range(args.range_for_sampling)  # fail on a bad flag before loading anything
     records = read_input(args)
-    out = records if args.score_only else mine(args, records)
-    if args.teacher_model_name_or_path:
-        teacher = load_teacher(args.teacher_model_name_or_path, max_length=args.teacher_max_length)
+    teacher = load_teacher(args.teacher_model_name_or_path, max_length=args.teacher_max_length) \
+        if args.teacher_model_name_or_path else None
+    out = records if args.score_only else mine(args, records, teacher)
+    if teacher is not None:
         out = score_records(teacher, out, query_key=args.query_key, positive_key=args.positive_key,
                             negative_key=args.negative_key, pos_scores_key=args.pos_scores_key,
                             neg_scores_key=args.neg_scores_key, batch_size=args.teacher_batch_size)
