@@ -119,6 +119,9 @@ class RetrievalDataset(EpochSampled):
         if need and short:
             logger.warning("%d of %d records have fewer than %d negatives; sampling those with replacement",
                            short, len(self.rows), need)
+        self._initial = [list(r["negative"]) for r in self.rows]
+        self._pending: Optional[List[List[str]]] = None
+        self._pending_after = 0
 
     def _parse(self, record: Dict[str, Any], origin: str) -> Dict[str, Any]:
         q, p, n = self.keys
@@ -137,10 +140,43 @@ class RetrievalDataset(EpochSampled):
             row["neg_scores"] = score_list_field(record, ns, origin, row["negative"], n) if needs_neg else []
         return row
 
+    def negatives(self) -> List[List[str]]:
+        """The negatives each row samples from now."""
+        return [list(r["negative"]) for r in self.rows]
+
+    def initial_negatives(self) -> List[List[str]]:
+        """The negatives of the training file."""
+        return [list(n) for n in self._initial]
+
+    def set_negatives(self, negatives: List[List[str]], after_items: int = 0) -> None:
+        """Replace every row's negatives (online refresh), after ``after_items`` more items are drawn."""
+        if len(negatives) != len(self.rows):
+            raise ValueError(f"{len(negatives)} negative lists for {len(self.rows)} training rows")
+        if self.score_keys:
+            raise ValueError("negatives with teacher scores (distillation) cannot be refreshed: the scores would "
+                             "no longer match")
+        need = self.train_group_size > 1
+        for i, row in enumerate(negatives):
+            if need and not row:
+                raise ValueError(f"refreshed negatives of row {i} are empty but train_group_size={self.train_group_size}")
+        self._pending, self._pending_after = [list(n) for n in negatives], int(after_items)
+        if after_items <= 0:
+            self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        if self._pending is not None:
+            for row, negatives in zip(self.rows, self._pending):
+                row["negative"] = negatives
+            self._pending = None
+
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
+        if self._pending is not None:
+            if self._pending_after <= 0:
+                self._apply_pending()
+            self._pending_after -= 1
         row = self.rows[index]
         rng = item_rng(self.seed, index, self.epoch)
         need = self.train_group_size - 1

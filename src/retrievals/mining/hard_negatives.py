@@ -176,6 +176,8 @@ def mine_hard_negatives(
         if rules.uses_positive_scores else [math.inf] * len(records)
     counts = report if report is not None else {}
     candidates_per_record, rngs = [], []
+    if report is not None and "ranks" in report:  # each record's search ranks by text (refresh staleness)
+        report["ranks"] = [{corpus[j].full_text: r for r, j in reversed(list(enumerate(row))) if j >= 0} for row in hits]
     for i, record in enumerate(records):
         banned = rule.banned_keys(record)
         ranked = _dedupe_scored([(corpus[j], float(s)) for j, s in zip(hits[i][start:end], scores[i][start:end])

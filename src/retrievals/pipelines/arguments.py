@@ -72,6 +72,17 @@ class DataArguments:
         "help": "Teacher scores of the positives (list aligned with --positive_key) for --loss_fn listwise_kl/margin_mse"})
     neg_scores_key: str = field(default="neg_scores", metadata={
         "help": "Teacher scores of the negatives (list aligned with --negative_key) for --loss_fn listwise_kl/margin_mse"})
+    hn_refresh_steps: int = field(default=0, metadata={
+        "help": "Every K optimizer steps re-mine each query's negatives from --candidate_pool with the current "
+                "weights (online hard-negative refresh; 0 = off)"})
+    candidate_pool: Optional[str] = field(default=None, metadata={
+        "help": "JSONL of {_id, title, text}: the corpus --hn_refresh_steps mines from"})
+    range_for_sampling: str = field(default="2-200", metadata={"help": "Ranks the refresh samples from, 'start-end'"})
+    hn_negative_number: int = field(default=15, metadata={"help": "Negatives per query kept by each refresh"})
+    max_positive_ratio: Optional[float] = field(default=None, metadata={
+        "help": "Refresh false-negative rule: drop candidates scoring above this fraction of the positive's score"})
+    positive_margin: Optional[float] = field(default=None, metadata={
+        "help": "Refresh false-negative rule: drop candidates scoring above the positive's score minus this"})
 
 
 @dataclass

@@ -138,6 +138,26 @@ def dev_evaluation(data_args: DataArguments, args: EmbedTrainingArguments) -> Di
     return {"evaluator": RetrievalEvaluator(data), "eval_dataset": RetrievalDataset(pairs) if pairs else None}
 
 
+def refresh_callbacks(model, dataset, data_args: DataArguments, args: EmbedTrainingArguments) -> List[Any]:
+    """``--hn_refresh_steps K``: the online hard-negative refresh over ``--candidate_pool``."""
+    if not data_args.hn_refresh_steps:
+        return []
+    if not data_args.candidate_pool:
+        raise ValueError("--hn_refresh_steps needs --candidate_pool (a JSONL of {_id, title, text})")
+    if not isinstance(dataset, RetrievalDataset) or isinstance(model, MultiVectorModel):
+        raise ValueError(f"--hn_refresh_steps works with single-vector retrieval losses, not --loss_fn {args.loss_fn}")
+    from ..mining.false_negatives import FalseNegativeFilter
+    from ..mining.hard_negatives import parse_range
+    from ..mining.refresh import NegativeRefreshCallback
+    from .build_hn import read_pool
+
+    rules = FalseNegativeFilter(data_args.max_positive_ratio, data_args.positive_margin)
+    return [NegativeRefreshCallback(model, dataset, read_pool(data_args.candidate_pool), data_args.hn_refresh_steps,
+                                    range_for_sampling=parse_range(data_args.range_for_sampling),
+                                    negative_number=data_args.hn_negative_number, seed=args.seed,
+                                    false_negatives=rules if rules.uses_positive_scores else None)]
+
+
 def train(model, model_args, data_args, args: EmbedTrainingArguments) -> RetrievalTrainer:
     dataset, collator_cls = build_dataset(data_args, args.loss_fn)
     if len(dataset) < args.per_device_train_batch_size * max(1, args.world_size) and args.dataloader_drop_last:
@@ -146,7 +166,8 @@ def train(model, model_args, data_args, args: EmbedTrainingArguments) -> Retriev
     collator = collator_cls(model.tokenizer, query_max_length=model_args.query_max_length,
                             document_max_length=model_args.document_max_length)
     trainer = RetrievalTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                               loss_fn=build_loss(args), **dev_evaluation(data_args, args))
+                               loss_fn=build_loss(args), callbacks=refresh_callbacks(model, dataset, data_args, args),
+                               **dev_evaluation(data_args, args))
     trainer.train(resume_from_checkpoint=check_output_dir(args))
     return trainer
 
