@@ -181,3 +181,25 @@ class ListwiseCollator(_BaseCollator):
         if sizes.pop() > 1:
             batch["negative"] = self.encode_texts([d for f in features for d in f["documents"][1:]], False)
         return batch
+
+
+@dataclass
+class CrossEncoderCollator:
+    """Items ``{"query", "positive", "negative": [...]}`` -> the tokens of every ``(query, document)`` pair,
+    positive first in each group: ``{"input_ids", "attention_mask", ..., "group_size"}``, tokenized as
+    :meth:`CrossEncoder.predict <retrievals.models.cross_encoder.CrossEncoder.predict>` does."""
+
+    tokenizer: Any
+    max_length: int = 512
+
+    def __call__(self, features: List[Dict[str, Any]]) -> Dict[str, Any]:
+        from ..models.cross_encoder import tokenize_pairs
+
+        groups = [[_first(f["positive"])] + list(f.get("negative") or []) for f in features]
+        sizes = {len(g) for g in groups}
+        if len(sizes) != 1:
+            raise ValueError(f"every item needs the same number of negatives; got group sizes {sorted(sizes)}")
+        pairs = [(f["query"], doc) for f, group in zip(features, groups) for doc in group]
+        batch = dict(self.tokenizer.pad(tokenize_pairs(self.tokenizer, pairs, self.max_length), return_tensors="pt"))
+        batch["group_size"] = sizes.pop()
+        return batch

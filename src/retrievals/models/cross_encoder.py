@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,6 +22,21 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from .loading import TOKENIZER_KWARGS, check_local_weights, ensure_pad_token, has_custom_code, resolve_source
 
 logger = logging.getLogger(__name__)
+
+
+def tokenize_pairs(tokenizer, pairs: Sequence[Tuple[str, str]], max_length: int) -> List[Dict[str, List[int]]]:
+    """Token ids of each ``(query, document)`` pair, truncated to ``max_length`` (longest side first): the
+    one tokenization of training (:class:`~retrievals.data.collators.CrossEncoderCollator`) and ``predict``."""
+    from .tokenization import tokenizer_lock
+
+    with tokenizer_lock(tokenizer):
+        encoded = tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=max_length)
+    return [{k: encoded[k][i] for k in encoded.keys()} for i in range(len(pairs))]
+
+
+def pair_scores(logits: torch.Tensor) -> torch.Tensor:
+    """One relevance score per row of classifier logits: the logit (1 label) or ``logit[1] - logit[0]``."""
+    return logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]
 
 
 class CrossEncoder:
@@ -63,6 +78,21 @@ class CrossEncoder:
         model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
         return cls(model, tokenizer, max_length=max_length)
 
+    @classmethod
+    def from_encoder(cls, model_name_or_path: Union[str, os.PathLike], max_length: int = 512,
+                     trust_remote_code: bool = False, **kwargs: Any) -> CrossEncoder:
+        """A cross-encoder to train: the encoder's weights plus a new one-label classification head."""
+        kwargs.setdefault("num_labels", 1)
+        return cls.from_pretrained(model_name_or_path, max_length=max_length, trust_remote_code=trust_remote_code,
+                                   **kwargs)
+
+    def save_pretrained(self, output_dir: Union[str, os.PathLike]) -> None:
+        """Weights (safetensors), config and tokenizer: loads in ``CrossEncoder.from_pretrained`` and in
+        sentence-transformers' ``CrossEncoder`` (its ``max_length`` is saved as the tokenizer's)."""
+        self.model.save_pretrained(output_dir, safe_serialization=True)
+        self.tokenizer.model_max_length = self.max_length
+        self.tokenizer.save_pretrained(output_dir)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -83,9 +113,7 @@ class CrossEncoder:
         scores = np.empty(len(pairs), dtype=np.float32)
         if not pairs:
             return scores
-        encoded = self.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True,
-                                 max_length=max_length or self.max_length)
-        features = [{k: encoded[k][i] for k in encoded.keys()} for i in range(len(pairs))]
+        features = tokenize_pairs(self.tokenizer, pairs, max_length or self.max_length)
         order = sorted(range(len(pairs)), key=lambda i: -len(features[i]["input_ids"]))
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
         if show_progress_bar:
@@ -96,6 +124,5 @@ class CrossEncoder:
             for batch in batches:
                 inputs = self.tokenizer.pad([features[i] for i in batch], return_tensors="pt")
                 logits = self.model(**{k: v.to(self.device) for k, v in inputs.items()}).logits.float()
-                batch_scores = logits[:, 0] if self.num_labels == 1 else logits[:, 1] - logits[:, 0]
-                scores[batch] = batch_scores.cpu().numpy()
+                scores[batch] = pair_scores(logits).cpu().numpy()
         return scores
