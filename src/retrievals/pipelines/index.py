@@ -23,7 +23,8 @@ class IndexArguments:
     output_dir: str = field(metadata={"help": "Index folder: index.faiss, ids.arrow, index.json"})
     index_type: str = field(default="auto", metadata={"help": "auto, flat, ivf, ivf_sq8 or ivf_pq"})
     nlist: Optional[int] = field(default=None, metadata={"help": "IVF lists (default ~4 sqrt(n), a power of two)"})
-    nprobe: Optional[int] = field(default=None, metadata={"help": "IVF lists searched per query (default: the smallest reaching recall@10 0.998 on the sample)"})
+    nprobe: Optional[int] = field(default=None, metadata={
+        "help": "IVF lists searched per query (default: the smallest reaching recall@10 0.998 on the sample)"})
     train_size: Optional[int] = field(default=None, metadata={"help": "Vectors sampled to train IVF / PQ"})
     recall_sample: int = field(default=500, metadata={"help": "Stored vectors used as queries to measure recall@10"})
     seed: int = field(default=0)
