@@ -1,14 +1,14 @@
 """Index types side by side on one vectors folder: build time, bytes per vector, recall@10 against exact
-search and queries/s (1 thread), and, with ``--data_dir``, nDCG@10 through each index.
+search and queries/s (1 thread; builds use --build_threads), and, with ``--data_dir``, nDCG@10 through each index.
 
     # SciFact: encode once, then compare
     python -m retrievals.pipelines.encode --model_name_or_path MODEL --corpus ../shared/data/scifact/corpus.jsonl.gz \\
         --output_dir outputs/scifact-vectors
-    OMP_NUM_THREADS=1 python benchmarks/index.py --vectors outputs/scifact-vectors --data_dir ../shared/data/scifact
+    python benchmarks/index.py --vectors outputs/scifact-vectors --data_dir ../shared/data/scifact --model MODEL
     # 1M synthetic documents (benchmarks/synthetic_corpus.py), vectors composed from the model's sentence vectors
-    OMP_NUM_THREADS=1 python benchmarks/index.py --composed 1000000 --model MODEL --workdir outputs/composed
+    python benchmarks/index.py --composed 1000000 --model MODEL --workdir outputs/composed
     # or unit vectors with a power-law covariance, no model
-    OMP_NUM_THREADS=1 python benchmarks/index.py --synthetic 1000000 --dim 384 --workdir outputs/synthetic
+    python benchmarks/index.py --synthetic 1000000 --dim 384 --workdir outputs/synthetic
 
 Queries: with ``--model``, the SciFact queries (all 1,109) encoded by it; without, stored vectors plus noise.
 """
@@ -20,6 +20,7 @@ import json
 import os
 import time
 
+import faiss
 import numpy as np
 
 from retrievals.index.faiss_index import INDEX_NAME, LoadedIndex, build_index
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--data_dir", default=None, help="BEIR folder: also nDCG@10 through each index")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--types", default="flat,ivf,ivf_sq8,ivf_pq")
+    parser.add_argument("--build_threads", type=int, default=2, help="faiss threads to build (search: 1 thread)")
     args = parser.parse_args()
     model = None
     if args.model:
@@ -95,7 +97,9 @@ def main() -> None:
     rows = []
     for kind in args.types.split(","):
         out = os.path.join(args.workdir, f"index-{kind}")
+        faiss.omp_set_num_threads(args.build_threads)
         manifest = build_index(vectors, out, index_type=kind)
+        faiss.omp_set_num_threads(1)
         index = LoadedIndex(out)
         start = time.perf_counter()
         _, found = index.search_rows(queries, 10)

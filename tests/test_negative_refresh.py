@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -147,9 +148,12 @@ def test_two_gloo_ranks_train_on_the_same_refreshed_negatives(tiny_bert_dir, tmp
         "    json.dump(seen, f)\n")
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(script)] + embed_argv(tiny_bert_dir, tmp_path, out) + ["--ddp_backend", "gloo"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (json.load(open(out / f"seen-{r}.json")) for r in (0, 1))
     assert len(rank0) == 2 and rank0 == rank1  # both refreshes, identical on both ranks

@@ -105,7 +105,7 @@ def build_index(vectors_dir: str, output_dir: str, index_type: str = "auto", nli
     normalize = not vectors.normalized
     index = faiss.index_factory(vectors.dimension, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        size = train_size or min(vectors.count, max(64 * nlist, 256 * 39 if kind == "ivf_pq" else 0, 10_000))
+        size = train_size or min(vectors.count, max(40 * nlist, 10_000))  # faiss asks >= 39 per list
         index.train(_training_sample(vectors_dir, vectors, size, normalize, seed))
     os.makedirs(output_dir, exist_ok=True)
     ids_tmp = os.path.join(output_dir, IDS_NAME + ".tmp")
