@@ -234,6 +234,8 @@ def test_nprobe_is_tuned_to_the_smallest_that_reaches_the_target_recall(vectors,
     assert recall(manifest.nprobe) == pytest.approx(manifest.expected_recall_at_10)
     smaller = [p for p in (2, 3, 4, 6, 8, 12) if p < manifest.nprobe]
     assert smaller and all(recall(p) < TARGET_RECALL for p in smaller)  # none of the cheaper settings was enough
+    pq = build_index(folder, str(tmp_path / "pq"), index_type="ivf_pq", nlist=16, recall_sample=100)
+    assert pq.nprobe < 16 and pq.expected_recall_at_10 < 0.9  # a lossy code: 99.8% of its own ceiling
 
 
 def test_search_function_and_model_mismatch(vectors, model_dir, tmp_path):
