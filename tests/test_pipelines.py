@@ -150,6 +150,33 @@ def test_finetune_beir_main_job_on_tiny_data(tiny_bert_dir, tmp_path):
     assert AutoModelForEmbedding.from_pretrained(out).embedding_config.max_length == 256
     assert finetune_beir.main(["--model_name_or_path", tiny_bert_dir, "--data_dir", str(tmp_path / "nope")]) == 2
 
+    rounds = tmp_path / "rounds"
+    code = finetune_beir.main(["--model_name_or_path", tiny_bert_dir, "--data_dir", str(root), "--output_dir",
+                               str(rounds), "--epochs", "2", "--batch_size", "8", "--learning_rate", "1e-3",
+                               "--range_for_sampling", "2-20", "--negative_number", "3", "--rounds", "2"])
+    assert code == 0
+    result = json.loads((rounds / "finetune_result.json").read_text())
+    assert [r["round"] for r in result["rounds"]] == [1, 2] and result["fine_tuned"] == result["rounds"][1]["metrics"]
+    first, second = ([json.loads(line)["negative"] for line in open(rounds / f"round-{r}" / "train_hn.jsonl")]
+                     for r in (1, 2))
+    assert len(first) == len(second) == 60 and first != second
+    from retrievals.data.beir import load_beir
+    from retrievals.mining.hard_negatives import mine_hard_negatives
+
+    test, train = load_beir(str(root), "test"), load_beir(str(root), "train")
+    by_id = dict(zip(train.corpus_ids(), train.corpus_texts()))
+    records = [{"query": train.queries[q], "positive": [by_id[d] for d, r in rels.items() if r > 0]}
+               for q, rels in train.qrels.items()]
+    round1, texts = AutoModelForEmbedding.from_pretrained(rounds / "round-1"), test.corpus_texts()
+    again = mine_hard_negatives(round1, records, candidate_pool=texts, corpus_embeddings=round1.encode_corpus(texts),
+                                range_for_sampling=(2, 20), negative_number=3, seed=43)
+    assert [r["negative"] for r in again] == second  # round 2 mined with round 1's model (seed + 1)
+    second_model = AutoModelForEmbedding.from_pretrained(rounds / "round-2").encode(["cat dog"])
+    np.testing.assert_allclose(AutoModelForEmbedding.from_pretrained(rounds).encode(["cat dog"]), second_model)
+    steps = [s for s, _ in result["losses"]]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)  # one step axis across rounds
+    assert finetune_beir.main(["--model_name_or_path", tiny_bert_dir, "--rounds", "0"]) == 2
+
 
 def test_embed_do_encode_and_do_eval(tiny_bert_dir, tiny_beir_dir, tmp_path):
     root = tiny_beir_dir

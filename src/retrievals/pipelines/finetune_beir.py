@@ -46,39 +46,73 @@ class FinetuneArguments:
     query_max_length: int = field(default=64)
     document_max_length: int = field(default=256)
     seed: int = field(default=42)
+    rounds: int = field(default=1, metadata={
+        "help": "Rounds of (mine with the current model -> train -> evaluate); round r > 1 mines with round r-1's model"})
+    round_start: str = field(default="continue", metadata={
+        "help": "Weights each round > 1 trains from: 'continue' (the previous round's) or 'base'"})
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
+        if self.round_start not in ("continue", "base"):
+            raise ValueError(f"--round_start must be 'continue' or 'base', got {self.round_start!r}")
 
 
 def run_finetune(args: FinetuneArguments) -> Dict[str, Any]:
-    """Base eval -> mining -> training -> eval; returns metrics, timings and losses."""
+    """Base eval, then ``rounds`` x (mine with the current model -> train -> eval); returns every round's
+    metrics, timings and losses. Each round's negatives and model are kept in ``output_dir/round-<r>``
+    (with one round, the model is saved in ``output_dir`` only)."""
     test, train = load_beir(args.data_dir, "test"), load_beir(args.data_dir, "train")
-    model = AutoModelForEmbedding.from_pretrained(args.model_name_or_path, max_length=args.document_max_length,
-                                                  query_max_length=args.query_max_length)
+    model = load_base(args)
     timings: Dict[str, float] = {}
     start = time.perf_counter()
     texts = test.corpus_texts()
     corpus_emb = model.encode_corpus(texts, show_progress_bar=True)
     base = evaluate_retrieval(model, test, corpus_embeddings=corpus_emb).metrics
     timings["evaluate base"] = time.perf_counter() - start
-
-    start = time.perf_counter()
     by_id = dict(zip(train.corpus_ids(), train.corpus_texts()))
     records = [{"query": train.queries[q], "positive": [by_id[d] for d, r in rels.items() if r > 0]}
                for q, rels in train.qrels.items()]
-    mined = mine_hard_negatives(model, records, candidate_pool=texts, corpus_embeddings=corpus_emb,
-                                range_for_sampling=parse_range(args.range_for_sampling),
-                                negative_number=args.negative_number, seed=args.seed)
-    timings["mine hard negatives"] = time.perf_counter() - start
+    rounds, losses, offset = [], [], 0
+    for r in range(1, args.rounds + 1):
+        suffix = f" (round {r})" if args.rounds > 1 else ""
+        start = time.perf_counter()
+        mined = mine_hard_negatives(model, records, candidate_pool=texts, corpus_embeddings=corpus_emb,
+                                    range_for_sampling=parse_range(args.range_for_sampling),
+                                    negative_number=args.negative_number, seed=args.seed + r - 1)
+        timings["mine hard negatives" + suffix] = time.perf_counter() - start
+        if r > 1 and args.round_start == "base":
+            model = load_base(args)  # mined by the trained model, trained from the base weights
+        start = time.perf_counter()
+        trainer = _train(model, mined, args)
+        timings["fine-tune" + suffix] = time.perf_counter() - start
+        folder = os.path.join(args.output_dir, f"round-{r}") if args.rounds > 1 else args.output_dir
+        model.save_pretrained(folder)
+        if args.rounds > 1:
+            _write_jsonl(os.path.join(folder, "train_hn.jsonl"), mined)
+        start = time.perf_counter()
+        corpus_emb = model.encode_corpus(texts, show_progress_bar=True)
+        metrics = evaluate_retrieval(model, test, corpus_embeddings=corpus_emb).metrics
+        timings["evaluate fine-tuned" + suffix] = time.perf_counter() - start
+        round_losses = [(offset + h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+        offset += trainer.state.global_step
+        losses += round_losses
+        rounds.append({"round": r, "metrics": metrics, "losses": round_losses})
+        logger.info("round %d: nDCG@10 %.4f", r, metrics["ndcg@10"])
+    if args.rounds > 1:
+        model.save_pretrained(args.output_dir)
+    return {"base": base, "fine_tuned": rounds[-1]["metrics"], "rounds": rounds, "seconds": timings, "losses": losses,
+            "args": asdict(args)}
 
-    start = time.perf_counter()
-    trainer = _train(model, mined, args)
-    timings["fine-tune"] = time.perf_counter() - start
-    model.save_pretrained(args.output_dir)
 
-    start = time.perf_counter()
-    tuned = evaluate_retrieval(model, test).metrics
-    timings["evaluate fine-tuned"] = time.perf_counter() - start
-    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    return {"base": base, "fine_tuned": tuned, "seconds": timings, "losses": losses, "args": asdict(args)}
+def load_base(args: FinetuneArguments) -> AutoModelForEmbedding:
+    return AutoModelForEmbedding.from_pretrained(args.model_name_or_path, max_length=args.document_max_length,
+                                                 query_max_length=args.query_max_length)
+
+
+def _write_jsonl(path: str, records: List[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def _train(model, records: List[dict], args: FinetuneArguments) -> RetrievalTrainer:
@@ -100,13 +134,16 @@ def _train(model, records: List[dict], args: FinetuneArguments) -> RetrievalTrai
 
 
 def print_table(result: Dict[str, Any]) -> None:
-    print("\n| metric | base | fine-tuned | change |\n|---|---|---|---|")
+    rounds = result.get("rounds") or [{"round": 1, "metrics": result["fine_tuned"]}]
+    names = ["fine-tuned"] if len(rounds) == 1 else [f"round {r['round']}" for r in rounds]
+    print("\n| metric | base | " + " | ".join(names) + " | change |\n|---|---|" + "---|" * len(names) + "---|")
     for name in METRICS:
-        b, t = result["base"][name], result["fine_tuned"][name]
-        print(f"| {name} | {b:.4f} | {t:.4f} | {t - b:+.4f} |")
+        b, values = result["base"][name], [r["metrics"][name] for r in rounds]
+        print(f"| {name} | {b:.4f} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {values[-1] - b:+.4f} |")
+    pad = " |" * len(names)
     for step, seconds in result["seconds"].items():
-        print(f"| time: {step} | {seconds:.0f} s | | |")
-    print(f"| time: total | {sum(result['seconds'].values()):.0f} s | | |")
+        print(f"| time: {step} | {seconds:.0f} s |{pad} |")
+    print(f"| time: total | {sum(result['seconds'].values()):.0f} s |{pad} |")
 
 
 def save_plot(result: Dict[str, Any], path: str) -> None:
@@ -120,8 +157,12 @@ def save_plot(result: Dict[str, Any], path: str) -> None:
     left.plot(steps, losses, marker="o")
     left.set(title="training loss (InfoNCE)", xlabel="step", ylabel="loss")
     xs = range(len(METRICS))
-    right.bar([x - 0.2 for x in xs], [result["base"][m] for m in METRICS], width=0.4, label="base")
-    right.bar([x + 0.2 for x in xs], [result["fine_tuned"][m] for m in METRICS], width=0.4, label="fine-tuned")
+    rounds = result.get("rounds") or [{"round": 1, "metrics": result["fine_tuned"]}]
+    bars = [("base", result["base"])] + [("fine-tuned" if len(rounds) == 1 else f"round {r['round']}", r["metrics"])
+                                         for r in rounds]
+    width = 0.8 / len(bars)
+    for i, (label, metrics) in enumerate(bars):
+        right.bar([x - 0.4 + width * (i + 0.5) for x in xs], [metrics[m] for m in METRICS], width=width, label=label)
     right.set_xticks(list(xs), METRICS)
     right.set(title="SciFact test", ylim=(0, 1))
     right.legend()
