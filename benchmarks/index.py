@@ -23,7 +23,7 @@ import time
 import faiss
 import numpy as np
 
-from retrievals.index.faiss_index import INDEX_NAME, LoadedIndex, build_index
+from retrievals.index.faiss_index import INDEX_NAME, LoadedIndex, build_index, recall_with_ties
 from retrievals.index.manifest import VectorsManifest
 from retrievals.index.search import exact_search_shards
 from retrievals.index.shards import shard_ranges, write_shard
@@ -91,7 +91,7 @@ def main() -> None:
         vectors = synthetic_vectors(os.path.join(args.workdir, "vectors"), args.synthetic, args.dim)
     queries = model_queries(model) if model is not None else sample_queries(vectors, args.queries)
     started = time.perf_counter()
-    _, exact = exact_search_shards(vectors, queries, 10)
+    exact_scores, exact = exact_search_shards(vectors, queries, 100)  # deeper than 10: ties count as hits
     print(json.dumps({"exact_search_s": round(time.perf_counter() - started, 1), "queries": len(queries),
                       "vectors": VectorsManifest.load(vectors).count}))
     rows = []
@@ -104,7 +104,7 @@ def main() -> None:
         start = time.perf_counter()
         _, found = index.search_rows(queries, 10)
         qps = len(queries) / (time.perf_counter() - start)
-        recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact.tolist(), found.tolist())]))
+        recall = recall_with_ties(exact_scores, exact, found, 10)
         row = {"type": kind, "factory": manifest.factory, "nprobe": manifest.nprobe, "build_s": manifest.build_seconds,
                "bytes_per_vector": os.path.getsize(os.path.join(out, INDEX_NAME)) / manifest.count,
                "recall@10": round(recall, 4), "queries_per_s": round(qps, 1),

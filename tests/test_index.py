@@ -215,7 +215,7 @@ def test_ivf_with_every_list_probed_equals_exact(vectors, tmp_path, index_type):
 
 def test_nprobe_is_tuned_to_the_smallest_that_reaches_the_target_recall(vectors, tmp_path):
     from retrievals.index import LoadedIndex
-    from retrievals.index.faiss_index import TARGET_RECALL, _training_sample
+    from retrievals.index.faiss_index import TARGET_RECALL, _training_sample, recall_with_ties
     from retrievals.index.manifest import VectorsManifest
 
     folder, _ = vectors
@@ -223,17 +223,22 @@ def test_nprobe_is_tuned_to_the_smallest_that_reaches_the_target_recall(vectors,
     assert manifest.nprobe == 16 or manifest.expected_recall_at_10 >= TARGET_RECALL
     queries = _training_sample(folder, VectorsManifest.load(folder), 100, False, 1)  # the sample it was tuned on
     ids, matrix = all_vectors(folder)
-    _, exact_rows = exact_search(queries, matrix, 10)
+    exact_scores, exact_rows = exact_search(queries, matrix, 100)
+    exact_scores, exact_rows = exact_scores.numpy(), exact_rows.numpy()
     index = LoadedIndex(str(tmp_path / "ivf"))
+    row_of = {doc_id: row for row, doc_id in enumerate(ids)}
 
     def recall(nprobe):
         index.set_nprobe(nprobe)
         _, found = index.search(queries, 10)
-        return np.mean([len(set(a) & {ids[r] for r in b}) / 10 for a, b in zip(found, exact_rows.tolist())])
+        return recall_with_ties(exact_scores, exact_rows, np.array([[row_of[i] for i in f] for f in found]), 10)
 
     assert recall(manifest.nprobe) == pytest.approx(manifest.expected_recall_at_10)
     smaller = [p for p in (2, 3, 4, 6, 8, 12) if p < manifest.nprobe]
     assert smaller and all(recall(p) < TARGET_RECALL for p in smaller)  # none of the cheaper settings was enough
+    # duplicates: which of equal-scoring rows comes back is arbitrary, and any counts
+    assert recall_with_ties(np.array([[0.9, 0.5, 0.5]]), np.array([[7, 3, 4]]), np.array([[7, 4]]), 2) == 1.0
+    assert recall_with_ties(np.array([[0.9, 0.5, 0.4]]), np.array([[7, 3, 4]]), np.array([[7, 4]]), 2) == 0.5
     pq = build_index(folder, str(tmp_path / "pq"), index_type="ivf_pq", nlist=16, recall_sample=100)
     assert pq.nprobe < 16 and pq.expected_recall_at_10 < 0.9  # a lossy code: 99.8% of its own ceiling
 

@@ -134,6 +134,18 @@ def build_index(vectors_dir: str, output_dir: str, index_type: str = "auto", nli
     return manifest
 
 
+def recall_with_ties(exact_scores: np.ndarray, exact_rows: np.ndarray, found_rows: np.ndarray, k: int = 10) -> float:
+    """Mean recall@k of ``found_rows`` where every row scoring within 1e-5 of the exact k-th score counts as a
+    hit: corpora hold duplicate documents, and which of equal-scoring rows a search returns is arbitrary.
+    ``exact_*`` come from an exact search deeper than ``k`` (ties beyond its depth are missed)."""
+    hits = []
+    for scores, rows, found in zip(exact_scores, exact_rows, found_rows):
+        threshold = scores[k - 1] - 1e-5
+        good = {int(r) for r, s in zip(rows, scores) if s >= threshold and r >= 0}
+        hits.append(len(good & {int(r) for r in found[:k]}) / k)
+    return float(np.mean(hits))
+
+
 def _tune_nprobe(index, vectors_dir: str, vectors: VectorsManifest, normalize: bool, size: int, seed: int,
                  nlist: int, nprobe: Optional[int]) -> Tuple[int, float]:
     """``(nprobe, recall@10)`` against exact search with ``size`` stored vectors as queries: the given
@@ -146,13 +158,14 @@ def _tune_nprobe(index, vectors_dir: str, vectors: VectorsManifest, normalize: b
     from .search import exact_search_shards
 
     queries = _training_sample(vectors_dir, vectors, size, normalize, seed + 1)
-    _, exact = exact_search_shards(vectors_dir, queries, 10, vectors, normalize=normalize)
+    exact_scores, exact_rows = exact_search_shards(vectors_dir, queries, min(100, vectors.count), vectors,
+                                                   normalize=normalize)
     ivf = faiss.extract_index_ivf(index)
 
     def recall_at(probe: int) -> float:
         ivf.nprobe = probe
-        _, found = index.search(queries, 10)
-        return float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(exact.tolist(), found.tolist())]))
+        _, found = index.search(queries, min(10, vectors.count))
+        return recall_with_ties(exact_scores, exact_rows, found, min(10, vectors.count))
 
     if nprobe:
         return nprobe, recall_at(nprobe)
