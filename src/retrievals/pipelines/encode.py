@@ -30,6 +30,7 @@ class EncodeArguments:
     engine: str = field(default="local", metadata={"help": "local (no set-up) or ray (pip install 'retrievals[ray]')"})
     num_workers: int = field(default=2, metadata={"help": "Ray actors, one model each"})
     ray_address: Optional[str] = field(default=None, metadata={"help": "Ray cluster to join (default: a local one)"})
+    num_gpus_per_worker: float = field(default=0, metadata={"help": "GPUs each Ray actor reserves (0: CPU actors)"})
     batch_size: int = field(default=32, metadata={"help": "Texts per forward pass"})
     chunk_rows: int = field(default=1024, metadata={"help": "Texts handed to the model per call"})
     shard_size: int = field(default=65_536, metadata={"help": "Vectors per Parquet shard"})
@@ -51,7 +52,8 @@ def run_encode(args: EncodeArguments) -> VectorsManifest:
     job = EncodeJob(corpus=args.corpus, output_dir=args.output_dir, model_name_or_path=args.model_name_or_path,
                     shard_size=args.shard_size, chunk_rows=args.chunk_rows, batch_size=args.batch_size,
                     dtype=args.dtype, store_text=args.store_text, precision=args.precision, corpus_options=options)
-    engine_kwargs = {"num_workers": args.num_workers, "ray_address": args.ray_address} if args.engine == "ray" else {}
+    engine_kwargs = {"num_workers": args.num_workers, "ray_address": args.ray_address,
+                     "num_gpus_per_worker": args.num_gpus_per_worker} if args.engine == "ray" else {}
     manifest = encode_to_shards(job, engine=args.engine, **engine_kwargs)  # its default encoder uses the job's settings
     print(f"{manifest.count} vectors ({manifest.dimension}-d {manifest.dtype}) in {len(manifest.shards)} shards "
           f"in {args.output_dir}; {manifest.skipped} records skipped")
