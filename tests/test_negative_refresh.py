@@ -102,6 +102,11 @@ def test_a_resumed_run_trains_on_the_batches_of_the_uninterrupted_run(tiny_bert_
     assert resumed == full[checkpoint:]
 
 
+def test_data_loader_workers_are_refused(tiny_bert_dir, tmp_path):
+    with pytest.raises(ValueError, match="--dataloader_num_workers 0"):
+        train(tiny_bert_dir, tmp_path / "run", dataloader_num_workers=1)
+
+
 def test_resume_without_the_refresh_file_is_a_clear_error(tiny_bert_dir, tmp_path):
     train(tiny_bert_dir, tmp_path / "run", max_steps=3, save_steps=3)
     os.remove(tmp_path / "run" / REFRESH_DIR / "step-2.jsonl")

@@ -158,7 +158,8 @@ def mine_hard_negatives(
     skips re-encoding the pool. ``false_negatives`` (:class:`~.false_negatives.FalseNegativeFilter`) drops
     likely unlabelled positives by score against the positive's, or by ``teacher`` (a cross-encoder or
     bi-encoder, asked only about the candidates a query still needs); ``report`` (a dict) receives the
-    count each rule dropped and ``backfilled_queries``.
+    count each rule dropped and ``backfilled_queries`` (and, when it holds a ``"ranks"`` key, each record's
+    ``{document text: search rank}``, for the refresh's staleness figures).
     """
     if negative_number < 1:
         raise ValueError(f"negative_number must be >= 1, got {negative_number}")

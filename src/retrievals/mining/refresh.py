@@ -103,6 +103,9 @@ class NegativeRefreshCallback(TrainerCallback):
         return {"mean_rank_change": round(moved / max(count, 1), 2), "left_range": round(left / max(count, 1), 4)}
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if args.dataloader_num_workers > 0:
+            raise ValueError("online hard-negative refresh needs --dataloader_num_workers 0: data-loader workers "
+                             "hold their own copy of the dataset and would not see the refreshed negatives")
         if state.global_step == 0:
             return control
         step = state.global_step
