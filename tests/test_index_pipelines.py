@@ -94,6 +94,16 @@ def test_build_hn_from_the_index_equals_mining_the_pool(built, tmp_path):
         assert [r["negative"] for r in from_index] == [r["negative"] for r in from_pool]
     for record in from_pool:
         assert len(record["negative"]) == 3 and all(not n.endswith(record["positive"][0]) for n in record["negative"])
+    # the false-negative rules give the same negatives from the index as from the pool
+    rule = ["--range_for_sampling", "0-12", "--negative_number", "3"]
+    ratio = ["--max_positive_ratio", "0.9"]
+    assert build_hn.main(common + rule + ratio + ["--model_name_or_path", model_dir, "--candidate_pool", str(pool),
+                                                  "--output_file", str(tmp_path / "pool_fn.jsonl")]) == 0
+    assert build_hn.main(common + rule + ratio + ["--index_dir", idx, "--output_file", str(tmp_path / "index_fn.jsonl")]) == 0
+    assert build_hn.main(common + rule + ["--index_dir", idx, "--output_file", str(tmp_path / "index_all.jsonl")]) == 0
+    pool_fn, index_fn, index_all = ([json.loads(line)["negative"] for line in open(tmp_path / n)]
+                                    for n in ("pool_fn.jsonl", "index_fn.jsonl", "index_all.jsonl"))
+    assert pool_fn == index_fn and index_fn != index_all  # the rule changed what was drawn
     # back-fill from random rows when the range holds too few (range 0-2 leaves at most 2 candidates)
     assert build_hn.main(["--input_file", str(tmp_path / "train.jsonl"), "--range_for_sampling", "0-2",
                           "--negative_number", "4", "--index_dir", idx, "--output_file", str(tmp_path / "bf.jsonl")]) == 0

@@ -5,12 +5,14 @@ pool file, and back-filling draws random rows (no pass over the corpus per query
 from __future__ import annotations
 
 import logging
+import math
 import random
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .hard_negatives import PoolDocument, PositiveRule, _as_ids, _as_list, normalize_text
+from .false_negatives import FalseNegativeFilter
+from .hard_negatives import PoolDocument, PositiveRule, _as_ids, _as_list, _positive_scores, _teacher_choice, normalize_text
 
 logger = logging.getLogger(__name__)
 
@@ -26,20 +28,39 @@ def _is_banned(doc: PoolDocument, banned: set) -> bool:
 def mine_from_index(searcher, records: List[Dict[str, Any]], texts_of: TextLookup, query_key: str = "query",
                     positive_key: str = "positive", negative_key: str = "negative",
                     range_for_sampling: Tuple[int, int] = (2, 200), negative_number: int = 15, seed: int = 42,
-                    batch_size: int = 64, positive_id_key: Optional[str] = None) -> List[Dict[str, Any]]:
+                    batch_size: int = 64, positive_id_key: Optional[str] = None,
+                    false_negatives: Optional[FalseNegativeFilter] = None, teacher: Any = None,
+                    report: Optional[Dict[str, int]] = None) -> List[Dict[str, Any]]:
     """Return copies of ``records`` with ``negative_number`` mined negatives each (same rules as
     :func:`~retrievals.mining.hard_negatives.mine_hard_negatives`: ranks ``range_for_sampling``,
-    positives and the query banned by text or by ``positive_id_key`` ids, duplicates removed, seeded)."""
+    positives and the query banned by text or by ``positive_id_key`` ids, duplicates removed, the
+    false-negative rules, seeded). Back-filled random rows obey the positive rule, not the score rules
+    (their scores are not searched)."""
     start, end = range_for_sampling
     index = searcher.index
-    vectors = searcher.model.encode_queries([r[query_key] for r in records], batch_size=batch_size,
-                                            convert_to_numpy=True, show_progress_bar=True)
-    _, hits = index.search_rows(np.atleast_2d(vectors), end)
-    ranked = [[int(r) for r in row[start:end] if r >= 0] for row in hits]
-    docs = _documents(index, texts_of, {r for row in ranked for r in row})
+    rules = false_negatives or FalseNegativeFilter()
+    if rules.uses_teacher and teacher is None:
+        raise ValueError("false_negatives.teacher_threshold needs a teacher model")
+    counts = report if report is not None else {}
+    vectors = np.atleast_2d(searcher.model.encode_queries([r[query_key] for r in records], batch_size=batch_size,
+                                                          convert_to_numpy=True, show_progress_bar=True))
+    scores, hits = index.search_rows(vectors, end)
+    ranked = [[(int(r), float(x)) for r, x in zip(row[start:end], sc[start:end]) if r >= 0] for row, sc in zip(hits, scores)]
+    docs = _documents(index, texts_of, {r for row in ranked for r, _ in row})
     bans = [_bans(record, query_key, positive_key, positive_id_key) for record in records]
-    chosen = [_pick([docs[r] for r in rows], *ban, negative_number, random.Random(seed * 1_000_003 + i))
-              for i, (rows, ban) in enumerate(zip(ranked, bans))]
+    positive_scores = _positive_scores(searcher.model, records, vectors, positive_key, batch_size,
+                                       normalize=index.manifest.normalized_here) \
+        if rules.uses_positive_scores else [math.inf] * len(records)
+    candidates = []
+    for rows, ban, positive_score in zip(ranked, bans, positive_scores):
+        kept = _allowed([(docs[r], x) for r, x in rows], *ban)
+        candidates.append(rules.split_by_score([d for d, _ in kept], [x for _, x in kept], positive_score, counts))
+    rngs = [random.Random(seed * 1_000_003 + i) for i in range(len(records))]
+    if rules.uses_teacher:
+        chosen = _teacher_choice(teacher, rules, records, query_key, candidates, rngs, negative_number, batch_size,
+                                 counts)
+    else:
+        chosen = [rng.sample(c, negative_number) if len(c) > negative_number else c for c, rng in zip(candidates, rngs)]
     short = [i for i, c in enumerate(chosen) if len(c) < negative_number]
     if short:  # random rows for the few that ran short: no pass over the corpus per query
         rng = random.Random(seed)
@@ -51,6 +72,7 @@ def mine_from_index(searcher, records: List[Dict[str, Any]], texts_of: TextLooku
                                random.Random(seed * 1_000_003 + i + 1))
         logger.warning("%d of %d queries had fewer than %d candidates in range %d-%d; back-filled with random "
                        "documents", len(short), len(records), negative_number, start, end)
+    counts["backfilled_queries"] = len(short)
     return [{**record, negative_key: [d.full_text for d in picked]} for record, picked in zip(records, chosen)]
 
 
@@ -68,12 +90,18 @@ def _bans(record: Dict[str, Any], query_key: str, positive_key: str, positive_id
     return texts, ids
 
 
-def _pick(candidates: List[PoolDocument], banned: set, banned_ids: set, count: int, rng: random.Random) -> List[PoolDocument]:
+def _allowed(candidates: List[Tuple[PoolDocument, float]], banned: set, banned_ids: set) -> List[Tuple[PoolDocument, float]]:
+    """Candidates in rank order without duplicates, positives or the query."""
     seen, kept = set(), []
-    for doc in candidates:
+    for doc, score in candidates:
         key = normalize_text(doc.full_text)
         if key in seen or doc.doc_id in banned_ids or _is_banned(doc, banned):
             continue
         seen.add(key)
-        kept.append(doc)
+        kept.append((doc, score))
+    return kept
+
+
+def _pick(candidates: List[PoolDocument], banned: set, banned_ids: set, count: int, rng: random.Random) -> List[PoolDocument]:
+    kept = [doc for doc, _ in _allowed([(d, 0.0) for d in candidates], banned, banned_ids)]
     return rng.sample(kept, count) if len(kept) > count else kept

@@ -94,9 +94,6 @@ class BuildHNArguments:
             raise ValueError("--positive_id_key needs a --candidate_pool whose records have '_id' fields")
         if self.teacher_threshold is not None and not self.teacher_model_name_or_path:
             raise ValueError("--teacher_threshold needs --teacher_model_name_or_path")
-        if self.index_dir and self.false_negatives():
-            raise ValueError("the false-negative rules (--max_positive_ratio, --positive_margin, --teacher_threshold) "
-                             "work with --candidate_pool mining, not yet with --index_dir")
 
     def false_negatives(self) -> Optional[FalseNegativeFilter]:
         rules = FalseNegativeFilter(self.max_positive_ratio, self.positive_margin, self.teacher_threshold)
@@ -156,7 +153,7 @@ def _pool_id(record: Dict[str, Any], path: str, line_no: int, required: bool) ->
     return str(doc_id)
 
 
-def mine_with_index(args: BuildHNArguments, records: List[dict]) -> List[dict]:
+def mine_with_index(args: BuildHNArguments, records: List[dict], teacher: Any = None) -> List[dict]:
     """Search the built index (its model, or ``--model_name_or_path`` checked against it)."""
     from ..index.search import Searcher
     from ..index.texts import stored_texts
@@ -177,12 +174,13 @@ def mine_with_index(args: BuildHNArguments, records: List[dict]) -> List[dict]:
     return mine_from_index(searcher, records, texts_of, query_key=args.query_key, positive_key=args.positive_key,
                            negative_key=args.negative_key, range_for_sampling=parse_range(args.range_for_sampling),
                            negative_number=args.negative_number, seed=args.seed, batch_size=args.batch_size,
-                           positive_id_key=args.positive_id_key)
+                           positive_id_key=args.positive_id_key, false_negatives=args.false_negatives(),
+                           teacher=teacher if args.teacher_threshold is not None else None)
 
 
 def mine(args: BuildHNArguments, records: List[dict], teacher: Any = None) -> List[dict]:
     if args.index_dir:
-        return mine_with_index(args, records)
+        return mine_with_index(args, records, teacher)
     value_range = parse_range(args.range_for_sampling)
     pool = read_pool(args.candidate_pool, require_ids=bool(args.positive_id_key)) if args.candidate_pool else None
     model = AutoModelForEmbedding.from_pretrained(args.model_name_or_path, pooling_method=args.pooling_method,
