@@ -94,6 +94,7 @@ def _training_sample(folder: str, manifest: VectorsManifest, size: int, normaliz
 
 def build_index(vectors_dir: str, output_dir: str, index_type: str = "auto", nlist: Optional[int] = None,
                 nprobe: Optional[int] = None, train_size: Optional[int] = None, recall_sample: int = 500,
+                target_recall: float = TARGET_RECALL,
                 seed: int = 0) -> IndexManifest:
     """Build, save and describe an index; peak memory is about two shards plus the index itself."""
     import faiss
@@ -116,7 +117,8 @@ def build_index(vectors_dir: str, output_dir: str, index_type: str = "auto", nli
             writer.write_batch(pa.record_batch([pa.array(shard["id"], pa.string())], schema=schema))
     recall = None
     if kind != "flat":
-        nprobe, recall = _tune_nprobe(index, vectors_dir, vectors, normalize, recall_sample, seed, nlist, nprobe)
+        nprobe, recall = _tune_nprobe(index, vectors_dir, vectors, normalize, recall_sample, seed, nlist, nprobe,
+                                      target_recall)
         faiss.extract_index_ivf(index).nprobe = nprobe
     index_tmp = os.path.join(output_dir, INDEX_NAME + ".tmp")
     faiss.write_index(index, index_tmp)
@@ -147,9 +149,9 @@ def recall_with_ties(exact_scores: np.ndarray, exact_rows: np.ndarray, found_row
 
 
 def _tune_nprobe(index, vectors_dir: str, vectors: VectorsManifest, normalize: bool, size: int, seed: int,
-                 nlist: int, nprobe: Optional[int]) -> Tuple[int, float]:
+                 nlist: int, nprobe: Optional[int], target_recall: float = TARGET_RECALL) -> Tuple[int, float]:
     """``(nprobe, recall@10)`` against exact search with ``size`` stored vectors as queries: the given
-    ``nprobe``, or the smallest of nlist/8, 3/16, 1/4, 3/8, ... nlist that reaches :data:`TARGET_RECALL` of
+    ``nprobe``, or the smallest of nlist/64, 3/128, 1/32, ... nlist that reaches ``target_recall`` of
     the recall of probing every list (1.0 for IVF-Flat; a lossy code -- SQ8, PQ -- has a lower ceiling).
     Real queries, further from the documents than stored vectors, reach a little less (SciFact: 0.995
     where the sample gives 0.998)."""
@@ -169,8 +171,10 @@ def _tune_nprobe(index, vectors_dir: str, vectors: VectorsManifest, normalize: b
 
     if nprobe:
         return nprobe, recall_at(nprobe)
-    target = TARGET_RECALL * recall_at(nlist)
-    probe, candidates = max(1, nlist // 8), []
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+    target = target_recall * recall_at(nlist)
+    probe, candidates = max(1, nlist // 64), []
     while probe < nlist:
         candidates += [probe, probe * 3 // 2]
         probe *= 2

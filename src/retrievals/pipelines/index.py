@@ -27,12 +27,15 @@ class IndexArguments:
         "help": "IVF lists searched per query (default: the smallest reaching recall@10 0.998 on the sample)"})
     train_size: Optional[int] = field(default=None, metadata={"help": "Vectors sampled to train IVF / PQ"})
     recall_sample: int = field(default=500, metadata={"help": "Stored vectors used as queries to measure recall@10"})
+    target_recall: float = field(default=0.998, metadata={
+        "help": "Default nprobe: the smallest reaching this share of the all-lists recall@10 (lower = faster)"})
     seed: int = field(default=0)
 
 
 def run_index(args: IndexArguments) -> IndexManifest:
     manifest = build_index(args.vectors, args.output_dir, index_type=args.index_type, nlist=args.nlist,
                            nprobe=args.nprobe, train_size=args.train_size, recall_sample=args.recall_sample,
+                           target_recall=args.target_recall,
                            seed=args.seed)
     recall = "1.000 (exact search)" if manifest.expected_recall_at_10 is None else (
         f"{manifest.expected_recall_at_10:.3f} at nprobe {manifest.nprobe} of {manifest.nlist} lists "
