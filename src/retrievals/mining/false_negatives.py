@@ -50,9 +50,9 @@ class FalseNegativeFilter:
         """The candidates whose score is within the limit; ``counts[rule]`` grows by those dropped."""
         if not self.uses_positive_scores:
             return list(candidates)
-        kept = []
+        kept, limits = [], self.limits(positive_score)
         for candidate, score in zip(candidates, scores):
-            over = [rule for rule, limit in self.limits(positive_score) if score > limit]
+            over = [rule for rule, limit in limits if score > limit]
             if over:
                 for rule in over:
                     counts[rule] = counts.get(rule, 0) + 1

@@ -7,7 +7,7 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -58,14 +58,15 @@ def as_documents(entries: Sequence[PoolEntry]) -> List[PoolDocument]:
     return docs
 
 
-def _dedupe(docs: Sequence[PoolDocument]) -> List[PoolDocument]:
-    """The first document of each distinct (normalised) full text, in order."""
+def _dedupe(items: Sequence[Any], doc_of: Callable[[Any], PoolDocument] = lambda item: item) -> List[Any]:
+    """The first item of each distinct (normalised) document full text, in order; ``doc_of`` finds the
+    document in an item (e.g. a ``(document, score)`` pair)."""
     seen, out = set(), []
-    for doc in docs:
-        key = normalize_text(doc.full_text)
+    for item in items:
+        key = normalize_text(doc_of(item).full_text)
         if key not in seen:
             seen.add(key)
-            out.append(doc)
+            out.append(item)
     return out
 
 
@@ -181,18 +182,14 @@ def mine_hard_negatives(
         report["ranks"] = [{corpus[j].full_text: r for r, j in reversed(list(enumerate(row))) if j >= 0} for row in hits]
     for i, record in enumerate(records):
         banned = rule.banned_keys(record)
-        ranked = _dedupe_scored([(corpus[j], float(s)) for j, s in zip(hits[i][start:end], scores[i][start:end])
-                                 if j >= 0])
+        ranked = _dedupe([(corpus[j], float(s)) for j, s in zip(hits[i][start:end], scores[i][start:end]) if j >= 0],
+                         doc_of=lambda pair: pair[0])
         ranked = [(c, s) for c, s in ranked if not rule.is_banned(c, banned)]
         kept = rules.split_by_score([c for c, _ in ranked], [s for _, s in ranked], positive_scores[i], counts)
         candidates_per_record.append(kept)
         rngs.append(random.Random(seed * 1_000_003 + i))
-    if rules.uses_teacher:
-        chosen_per_record = _teacher_choice(teacher, rules, records, query_key, candidates_per_record, rngs,
-                                            negative_number, batch_size, counts)
-    else:
-        chosen_per_record = [rng.sample(c, negative_number) if len(c) > negative_number else c
-                             for c, rng in zip(candidates_per_record, rngs)]
+    chosen_per_record = choose_negatives(rules, teacher, records, query_key, candidates_per_record, rngs,
+                                         negative_number, batch_size, counts)
     out, backfilled = [], 0
     for i, (record, chosen, rng) in enumerate(zip(records, chosen_per_record, rngs)):
         if len(chosen) < negative_number:
@@ -216,16 +213,6 @@ def mine_hard_negatives(
     return out
 
 
-def _dedupe_scored(ranked: Sequence[Tuple[PoolDocument, float]]) -> List[Tuple[PoolDocument, float]]:
-    seen, out = set(), []
-    for doc, score in ranked:
-        key = normalize_text(doc.full_text)
-        if key not in seen:
-            seen.add(key)
-            out.append((doc, score))
-    return out
-
-
 def _positive_scores(model, records: List[Dict[str, Any]], query_emb: np.ndarray, positive_key: str,
                      batch_size: int, normalize: bool = False) -> List[float]:
     """Each record's lowest query-positive score (``inf`` without positives: no limit); ``normalize``: as
@@ -245,6 +232,18 @@ def _positive_scores(model, records: List[Dict[str, Any]], query_emb: np.ndarray
         rows = [positions[t] for t in _as_list(record.get(positive_key))]
         out.append(float((emb[rows] @ query_emb[i]).min()) if rows else math.inf)
     return out
+
+
+def choose_negatives(rules: FalseNegativeFilter, teacher, records: List[Dict[str, Any]], query_key: str,
+                     candidates_per_record: List[List[PoolDocument]], rngs: List[random.Random], negative_number: int,
+                     batch_size: int, counts: Dict[str, int]) -> List[List[PoolDocument]]:
+    """Each record's negatives from its allowed candidates: a seeded sample of ``negative_number``, or with
+    the teacher rule, the first that the teacher does not score as relevant (:func:`_teacher_choice`)."""
+    if rules.uses_teacher:
+        return _teacher_choice(teacher, rules, records, query_key, candidates_per_record, rngs, negative_number,
+                               batch_size, counts)
+    return [rng.sample(c, negative_number) if len(c) > negative_number else c
+            for c, rng in zip(candidates_per_record, rngs)]
 
 
 def _teacher_choice(teacher, rules: FalseNegativeFilter, records: List[Dict[str, Any]], query_key: str,

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .false_negatives import FalseNegativeFilter
-from .hard_negatives import PoolDocument, PositiveRule, _as_ids, _as_list, _positive_scores, _teacher_choice, normalize_text
+from .hard_negatives import PoolDocument, PositiveRule, _as_ids, _as_list, _positive_scores, choose_negatives, normalize_text
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +56,7 @@ def mine_from_index(searcher, records: List[Dict[str, Any]], texts_of: TextLooku
         kept = _allowed([(docs[r], x) for r, x in rows], *ban)
         candidates.append(rules.split_by_score([d for d, _ in kept], [x for _, x in kept], positive_score, counts))
     rngs = [random.Random(seed * 1_000_003 + i) for i in range(len(records))]
-    if rules.uses_teacher:
-        chosen = _teacher_choice(teacher, rules, records, query_key, candidates, rngs, negative_number, batch_size,
-                                 counts)
-    else:
-        chosen = [rng.sample(c, negative_number) if len(c) > negative_number else c for c, rng in zip(candidates, rngs)]
+    chosen = choose_negatives(rules, teacher, records, query_key, candidates, rngs, negative_number, batch_size, counts)
     short = [i for i, c in enumerate(chosen) if len(c) < negative_number]
     if short:  # random rows for the few that ran short: no pass over the corpus per query
         rng = random.Random(seed)
