@@ -59,7 +59,13 @@ class DataArguments:
     query_key: str = field(default="query")
     positive_key: str = field(default="positive")
     negative_key: str = field(default="negative")
-    label_key: str = field(default="label", metadata={"help": "Score column for --loss_fn cosent"})
+    label_key: str = field(default="label", metadata={
+        "help": "Score column for --loss_fn cosent; class label column (string or int) for --loss_fn arcface"})
+    text_key: str = field(default="text", metadata={"help": "Text column of point-wise data (--loss_fn arcface)"})
+    documents_key: str = field(default="documents", metadata={
+        "help": "List-wise data for --loss_fn listwise_kl: records {query, documents, scores} (first document = "
+                "positive); records without it are read as {query, positive, negative, pos_scores, neg_scores}"})
+    scores_key: str = field(default="scores", metadata={"help": "Teacher scores of --documents_key"})
     train_group_size: int = field(default=1, metadata={"help": "1 positive + (n-1) sampled negatives per query"})
     skip_invalid: bool = field(default=False, metadata={"help": "Skip (and count) invalid records instead of failing"})
     eval_data_dir: Optional[str] = field(default=None, metadata={"help": "BEIR-layout folder for --do_eval/--do_encode"})
@@ -86,6 +92,25 @@ class DataArguments:
 
 
 @dataclass
+class PretrainArguments:
+    """Flags of the ``pretrain`` pipeline: the raw corpus and how pairs are made from it."""
+
+    corpus: str = field(metadata={
+        "help": "Raw corpus, read as a stream: JSONL (.jsonl, .jsonl.gz) of {_id, title, text}, Parquet, a folder of "
+                "them, or plain text (.txt, .txt.gz) with one document per line"})
+    pair_strategy: str = field(default="crop", metadata={
+        "help": "crop (two independent random word spans of a document), title_body (title -> body; crop when a "
+                "document has no title) or dropout (the same text twice, unsupervised SimCSE)"})
+    crop_min_ratio: float = field(default=0.1, metadata={"help": "Shortest span, as a fraction of the document's words"})
+    crop_max_ratio: float = field(default=0.5, metadata={"help": "Longest span, as a fraction of the document's words"})
+    shuffle_buffer: int = field(default=10000, metadata={
+        "help": "Documents held to shuffle the stream (the memory bound; 1 = file order)"})
+    skip_invalid: bool = field(default=False, metadata={"help": "Skip (and count) invalid records instead of failing"})
+    scan_corpus: bool = field(default=True, metadata={
+        "help": "Read the corpus once before training: counts logged, a malformed record fails before step 1"})
+
+
+@dataclass
 class EmbedTrainingArguments(TrainingArguments):
     loss_fn: str = field(default="infonce", metadata={"help": "Loss name (see retrievals.losses.LOSSES)"})
     temperature: float = field(default=0.05)
@@ -103,6 +128,20 @@ class EmbedTrainingArguments(TrainingArguments):
         "help": "Gradient cache: embed the batch in chunks of this size (0: off); same gradients, less memory"})
     memory_bank_size: int = field(default=0, metadata={
         "help": "Cross-batch negatives: keep this many recent documents as extra negatives (0: off; infonce only)"})
+    arcface_scale: float = field(default=30.0, metadata={"help": "ArcFace logit scale"})
+    arcface_margin: Optional[float] = field(default=None, metadata={
+        "help": "Fixed ArcFace margin; unset: dynamic per-class margins from the data's class counts in "
+                "[--arcface_margin_min, --arcface_margin_max] (rarer class, larger margin)"})
+    arcface_margin_min: float = field(default=0.05)
+    arcface_margin_max: float = field(default=0.5)
+    arcface_init: str = field(default="xavier", metadata={
+        "help": "ArcFace class centres at start: xavier, class_mean (each class's normalised mean embedding under "
+                "the starting model) or a .safetensors/.npy file of [classes, dim] centres (e.g. a saved arcface_head)"})
+    layerwise_lr_decay: Optional[float] = field(default=None, metadata={
+        "help": "Layer-wise learning rates: the top layer gets --learning_rate, each layer below this factor once "
+                "more, the embeddings the lowest (e.g. 0.9)"})
+    head_learning_rate: Optional[float] = field(default=None, metadata={
+        "help": "Learning rate of the loss's own parameters (ArcFace centres); default --learning_rate"})
     eval_dims: Optional[str] = field(default=None, metadata={
         "help": "--do_eval also at these embedding sizes, e.g. 384,256,128,64 (nDCG@10 per size)"})
 

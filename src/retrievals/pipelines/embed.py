@@ -18,8 +18,9 @@ import numpy as np
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.beir import load_beir
-from ..data.collators import RetrievalCollator, ScoredPairCollator
-from ..data.datasets import RetrievalDataset, ScoredPairDataset
+from ..data.collators import ListwiseCollator, PointwiseCollator, RetrievalCollator, ScoredPairCollator
+from ..data.datasets import ListwiseDataset, PointwiseDataset, RetrievalDataset, ScoredPairDataset
+from ..data.records import iter_records
 from ..evaluation.retrieval import RetrievalEvaluator, evaluate_dims, evaluate_retrieval
 from ..losses import CachedLoss, CrossBatchMemory, MatryoshkaLoss, get_loss
 from ..losses.matryoshka import parse_dims
@@ -55,10 +56,19 @@ def load_model(model_args: ModelArguments) -> AutoModelForEmbedding:
     return model
 
 
-def build_loss(args: EmbedTrainingArguments):
-    """The named loss, wrapped as the flags ask: memory bank, then Matryoshka, then gradient cache."""
+def build_loss(args: EmbedTrainingArguments, model=None, dataset=None):
+    """The named loss, wrapped as the flags ask: memory bank, then Matryoshka, then gradient cache.
+    ``arcface`` is built from the point-wise ``dataset`` (classes, counts) and ``model`` (size, centres)."""
     kwargs: Dict[str, Any] = {}
     name = args.loss_fn.lower()
+    if name == "arcface":
+        if not isinstance(dataset, PointwiseDataset):
+            raise ValueError("--loss_fn arcface trains from point-wise data: pass --do_train --data_name_or_path")
+        from .pointwise import build_arcface
+
+        if args.memory_bank_size or args.cached_mini_batch_size:
+            raise ValueError("--loss_fn arcface cannot take --memory_bank_size or --cached_mini_batch_size")
+        return build_arcface(model, dataset, args)
     if name in ("infonce", "simcse"):
         kwargs = {"temperature": args.temperature, "negatives_cross_device": args.negatives_cross_device,
                   "similarity": args.similarity}
@@ -94,6 +104,14 @@ def build_dataset(data_args: DataArguments, loss_name: str):
         return ScoredPairDataset(data_args.data_name_or_path, query_key=data_args.query_key,
                                  document_key=data_args.positive_key, label_key=data_args.label_key,
                                  skip_invalid=data_args.skip_invalid), ScoredPairCollator
+    if loss_name.lower() == "arcface":
+        return PointwiseDataset(data_args.data_name_or_path, text_key=data_args.text_key, label_key=data_args.label_key,
+                                skip_invalid=data_args.skip_invalid), PointwiseCollator
+    if loss_name.lower() == "listwise_kl" and _first_record_has(data_args.data_name_or_path, data_args.documents_key):
+        return ListwiseDataset(data_args.data_name_or_path, query_key=data_args.query_key,
+                               documents_key=data_args.documents_key, scores_key=data_args.scores_key,
+                               group_size=data_args.train_group_size if data_args.train_group_size > 1 else None,
+                               skip_invalid=data_args.skip_invalid), ListwiseCollator
     distill = loss_name.lower() in ("listwise_kl", "margin_mse")  # trained from teacher scores in the file
     if distill and data_args.train_group_size < 2:
         raise ValueError(f"--loss_fn {loss_name} compares a positive with negatives: set --train_group_size >= 2")
@@ -102,6 +120,13 @@ def build_dataset(data_args: DataArguments, loss_name: str):
                             train_group_size=data_args.train_group_size, skip_invalid=data_args.skip_invalid,
                             with_teacher_scores=distill, pos_scores_key=data_args.pos_scores_key,
                             neg_scores_key=data_args.neg_scores_key), RetrievalCollator
+
+
+def _first_record_has(source: str, key: str) -> bool:
+    """Whether the first record of a training file has ``key`` (the list-wise layout)."""
+    for _origin, record in iter_records(source):
+        return key in record
+    return False
 
 
 def check_output_dir(args: EmbedTrainingArguments) -> Optional[str]:
@@ -166,7 +191,8 @@ def train(model, model_args, data_args, args: EmbedTrainingArguments) -> Retriev
     collator = collator_cls(model.tokenizer, query_max_length=model_args.query_max_length,
                             document_max_length=model_args.document_max_length)
     trainer = RetrievalTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                               loss_fn=build_loss(args), callbacks=refresh_callbacks(model, dataset, data_args, args),
+                               loss_fn=build_loss(args, model, dataset),
+                               callbacks=refresh_callbacks(model, dataset, data_args, args),
                                **dev_evaluation(data_args, args))
     trainer.train(resume_from_checkpoint=check_output_dir(args))
     return trainer
@@ -205,6 +231,10 @@ def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedT
         result["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         if trainer.is_world_process_zero():
             model.save_pretrained(args.output_dir, merge_lora=model_args.merge_lora)
+            if isinstance(trainer.train_dataset, PointwiseDataset):
+                from .pointwise import save_head
+
+                save_head(args.output_dir, trainer.loss_fn, trainer.train_dataset)
     _leave_process_group()
     if not args.process_index == 0:
         return result

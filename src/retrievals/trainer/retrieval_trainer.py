@@ -21,6 +21,7 @@ from ..losses import InfoNCE
 from ..losses.simcse import inputs_to_embed
 from ..losses.utils import LOSS_EXTRAS, SIDES
 from .callbacks import EpochSamplingCallback, LossGradientCallback
+from .param_groups import describe_groups, layerwise_param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class RetrievalTrainer(Trainer):
     """
 
     def __init__(self, model: nn.Module = None, args=None, loss_fn: Optional[nn.Module] = None,
-                 evaluator: Optional[Callable[[nn.Module], Dict[str, float]]] = None, **kwargs: Any):
+                 evaluator: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
+                 layerwise_lr_decay: Optional[float] = None, head_learning_rate: Optional[float] = None, **kwargs: Any):
         collator = kwargs.get("data_collator")
         if collator is not None and hasattr(collator, "with_model_config") and hasattr(model, "embedding_config"):
             pad_id = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
@@ -59,6 +61,10 @@ class RetrievalTrainer(Trainer):
             logger.info("RetrievalTrainer sets remove_unused_columns=False (collators need the text columns)")
             args.remove_unused_columns = False
         self.evaluator = evaluator
+        self.layerwise_lr_decay = layerwise_lr_decay if layerwise_lr_decay is not None else \
+            getattr(args, "layerwise_lr_decay", None)
+        self.head_learning_rate = head_learning_rate if head_learning_rate is not None else \
+            getattr(args, "head_learning_rate", None)
         if evaluator is not None and kwargs.get("eval_dataset") is None:
             kwargs["eval_dataset"] = []  # no eval loss; the Trainer only needs something to evaluate
         super().__init__(model=model, args=args, **kwargs)
@@ -88,7 +94,19 @@ class RetrievalTrainer(Trainer):
         self.lr_scheduler = value
 
     def create_optimizer(self):
-        """The Trainer's optimizer, plus the loss's own parameters (ArcFace class centres)."""
+        """The Trainer's optimizer, plus the loss's own parameters (ArcFace class centres). With
+        ``layerwise_lr_decay`` or ``head_learning_rate``, the groups of :func:`layerwise_param_groups`
+        (the Trainer's optimizer class and weight-decay split), listed once in the log."""
+        if self.optimizer is None and (self.layerwise_lr_decay is not None or self.head_learning_rate is not None):
+            decay_names = set(self.get_decay_parameter_names(self.model))
+            no_decay = [n for n, _ in self.model.named_parameters() if n not in decay_names]
+            groups = layerwise_param_groups(self.model, self.args.learning_rate, self.args.weight_decay, no_decay,
+                                            self.layerwise_lr_decay, self.loss_fn, self.head_learning_rate)
+            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            if self.args.process_index == 0:
+                logger.info("learning rates by parameter group:\n%s", describe_groups(groups))
+            return self.optimizer
         optimizer = super().create_optimizer()
         extra = [p for p in self.loss_fn.parameters() if p.requires_grad] if isinstance(self.loss_fn, nn.Module) else []
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
