@@ -48,8 +48,9 @@ def test_lora_merged_output_loads_in_sentence_transformers(tiny_bert_dir, tmp_pa
     assert os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))  # ... the adapter aside
     ours = AutoModelForEmbedding.from_pretrained(out, precision="fp32")
     st = SentenceTransformer(out, device="cpu")
-    # (encode_query / encode_document apply the prompts; ST's plain encode() applies none)
     np.testing.assert_allclose(st.encode_query(TEXTS), ours.encode_queries(TEXTS), atol=1e-5)
+    # plain encode() is the document side in both libraries (ST's default prompt is saved as "document")
+    np.testing.assert_allclose(st.encode(TEXTS), ours.encode(TEXTS), atol=1e-5)
     np.testing.assert_allclose(st.encode_document(TEXTS), ours.encode_corpus(TEXTS), atol=1e-5)
     assert st.prompts["query"] == "query " and st.prompts["document"] == "passage "
 

@@ -191,6 +191,8 @@ def write_sentence_transformers_files(config: EmbeddingConfig, directory: str, d
         prompts["query"] = config.query_instruction
     if config.document_instruction:
         prompts["document"] = config.document_instruction
-    st_config = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    # plain encode() is the document side here; make it so in sentence-transformers too
+    default = "document" if "document" in prompts else None
+    st_config = {"prompts": prompts, "default_prompt_name": default, "similarity_fn_name": "cosine"}
     with open(os.path.join(directory, "config_sentence_transformers.json"), "w", encoding="utf-8") as f:
         json.dump(st_config, f, indent=2, ensure_ascii=False)
