@@ -10,7 +10,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo eval test test-fast lint bench bench-serve clean
+.PHONY: venv demo eval test test-fast lint docs bench bench-serve clean
 
 venv: $(VENV)/.installed
 
@@ -40,6 +40,9 @@ test-fast: venv
 lint: venv
 	$(PY) -m ruff check src tests benchmarks
 
+docs: venv
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: venv
 	$(PY) benchmarks/encode.py --data_dir $(DATA_DIR)/scifact
 
@@ -47,4 +50,4 @@ bench-serve: venv
 	$(PY) benchmarks/serve.py --data_dir $(DATA_DIR)/scifact
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build site *.egg-info src/*.egg-info
