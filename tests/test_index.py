@@ -299,3 +299,19 @@ def test_stored_texts_read_by_row_group(model_dir, tmp_path, monkeypatch):
     encode_to_shards(job(corpus, plain, model_dir), show_progress=False)
     with pytest.raises(ValueError, match="text was not kept"):
         stored_texts(str(plain), [1])
+
+
+def test_fingerprint_ignores_the_path_a_model_was_loaded_by(tiny_bert_dir, tmp_path, monkeypatch):
+    """Encoding with a relative model path and searching with the absolute one (or a copy) is the same model."""
+    import shutil
+
+    from retrievals.index.manifest import model_fingerprint
+
+    copy = shutil.copytree(tiny_bert_dir, tmp_path / "copy")
+    monkeypatch.chdir(tmp_path)
+    by_relative = AutoModelForEmbedding.from_pretrained("copy", pooling_method="mean")
+    by_absolute = AutoModelForEmbedding.from_pretrained(str(copy), pooling_method="mean")
+    original = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, pooling_method="mean")
+    assert model_fingerprint(by_relative) == model_fingerprint(by_absolute) == model_fingerprint(original)
+    assert model_fingerprint(AutoModelForEmbedding.from_pretrained(tiny_bert_dir, pooling_method="cls")) != \
+        model_fingerprint(original)

@@ -35,6 +35,9 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+_PATH_KEYS = ("_name_or_path", "_commit_hash", "transformers_version")
+
+
 def model_fingerprint(model) -> str:
     """A short hash of what decides a model's vectors: its embedding config, its backbone config and
     its weights (size plus the first and last MiB of each weights file, when loaded from a folder).
@@ -42,7 +45,8 @@ def model_fingerprint(model) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(model.embedding_config.to_dict(), sort_keys=True).encode())
     backbone = getattr(model, "model", model)
-    digest.update(backbone.config.to_json_string(use_diff=False).encode())
+    settings = {k: v for k, v in backbone.config.to_dict().items() if k not in _PATH_KEYS}  # where, not what
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     folder = getattr(backbone.config, "_name_or_path", "") or ""
     weights = sorted(glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, "*.gguf"))) \
         if os.path.isdir(folder) else []
