@@ -160,3 +160,13 @@ def test_listwise_kl_from_the_cli_on_hand_written_lists(tiny_bert_dir, tmp_path)
         return hits / len(rows)
 
     assert order_agreement(model) > order_agreement(base) and order_agreement(model) >= 0.8
+
+
+def test_embed_caps_default_lengths_at_the_encoders_positions(tiny_bert_dir, tmp_path):
+    """The default --document_max_length 512 on a 64-position encoder: capped, not a crash on a long text."""
+    long_text = " ".join(["cat dog fish sky"] * 40)  # 160 tokens
+    rows = [{"query": "cat dog", "positive": long_text}] * 8
+    assert run_cli(tmp_path, write_jsonl(tmp_path / "t.jsonl", rows), "--model_name_or_path", tiny_bert_dir,
+                   "--max_steps", "1") == 0
+    saved = AutoModelForEmbedding.from_pretrained(str(tmp_path / "out"))
+    assert saved.embedding_config.max_length == 64

@@ -45,6 +45,7 @@ def load_model(model_args: ModelArguments) -> AutoModelForEmbedding:
         trust_remote_code=model_args.trust_remote_code, quantization=model_args.quantization,
         device=None if str(model_args.quantization or "").lower().startswith("bnb") else "cpu",
     )
+    _cap_lengths(model, model_args)
     if model_args.use_lora and getattr(model, "quantization", None) == "int8":
         raise ValueError("--quantization int8 is for inference only and cannot take --use_lora; "
                          "on CUDA use --quantization bnb-4bit with --use_lora (QLoRA)")
@@ -54,6 +55,28 @@ def load_model(model_args: ModelArguments) -> AutoModelForEmbedding:
         add_lora(model, rank=model_args.lora_rank, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
                  target_modules=model_args.lora_target_modules)
     return model
+
+
+def _cap_lengths(model, model_args: ModelArguments) -> None:
+    """An encoder's absolute position embeddings bound its input: flags (defaults included) above that
+    limit are lowered to it with a warning, instead of failing deep inside the model on the first long text."""
+    from ..models.loading import is_decoder_model
+
+    backbone = getattr(model, "model", model)
+    limit = getattr(backbone.config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or is_decoder_model(backbone.config):
+        return
+    tokenizer_limit = getattr(model.tokenizer, "model_max_length", None)
+    limit = min(limit, tokenizer_limit) if isinstance(tokenizer_limit, int) and tokenizer_limit > 0 else limit
+    cfg = model.embedding_config
+    for name in ("max_length", "query_max_length"):
+        value = getattr(cfg, name)
+        if value and value > limit:
+            logger.warning("%s %d exceeds the model's %d positions; using %d", name, value, limit, limit)
+            setattr(cfg, name, limit)
+    # the collators read the flags: keep them equal to what the model saves
+    model_args.document_max_length = cfg.max_length
+    model_args.query_max_length = min(model_args.query_max_length, cfg.max_length)
 
 
 def build_loss(args: EmbedTrainingArguments, model=None, dataset=None):
