@@ -9,6 +9,7 @@ from typing import List, Optional
 COMMANDS = {
     "serve": ("retrievals.pipelines.serve", "serve a saved model over HTTP (OpenAI-compatible embeddings)"),
     "embed": ("retrievals.pipelines.embed", "fine-tune an embedding model"),
+    "pretrain": ("retrievals.pipelines.pretrain", "unsupervised contrastive pre-training on a raw corpus"),
     "build_hn": ("retrievals.pipelines.build_hn", "mine hard negatives for a training file"),
     "eval": ("retrievals.pipelines.eval", "evaluate on a BEIR folder or an STS file"),
     "finetune_beir": ("retrievals.pipelines.finetune_beir", "base eval, mining, fine-tune, eval on a BEIR folder"),

@@ -36,6 +36,7 @@ class CorpusRow:
     id: str
     text: str  # title + " " + text, as encode_corpus joins them
     origin: str  # "file:line"
+    title: str = ""  # the title alone ("" when none); ``text`` starts with it
 
 
 @dataclass
@@ -123,7 +124,7 @@ class CorpusReader:
         self.files = corpus_files(path)
         self.stats = CorpusStats()
 
-    def _parse(self, origin: str, record: Any) -> Tuple[str, str]:
+    def _parse(self, origin: str, record: Any) -> Tuple[str, str, str]:
         if isinstance(record, CorpusError):
             raise record
         o = self.options
@@ -138,7 +139,7 @@ class CorpusReader:
             if value is not None and not isinstance(value, str):
                 raise CorpusError(f"{origin}: field {key!r} must be a string, got {type(value).__name__}")
         text, title = (text or "").strip(), (title or "").strip()
-        return str(doc_id), f"{title} {text}".strip() if title else text
+        return str(doc_id), f"{title} {text}".strip() if title else text, title
 
     def __iter__(self) -> Iterator[CorpusRow]:
         self.stats = stats = CorpusStats()
@@ -146,7 +147,7 @@ class CorpusReader:
             for origin, record in _iter_raw(path):
                 stats.read += 1
                 try:
-                    doc_id, text = self._parse(origin, record)
+                    doc_id, text, title = self._parse(origin, record)
                 except CorpusError as e:
                     if not self.options.skip_invalid:
                         raise
@@ -159,7 +160,7 @@ class CorpusReader:
                     if self.options.empty_documents == "skip":
                         stats.skipped.append({"id": doc_id, "origin": origin, "reason": "empty"})
                         continue
-                yield CorpusRow(row=stats.rows, id=doc_id, text=text, origin=origin)
+                yield CorpusRow(row=stats.rows, id=doc_id, text=text, origin=origin, title=title)
                 stats.rows += 1
 
 
