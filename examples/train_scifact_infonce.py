@@ -51,6 +51,11 @@ def train_scifact(model_path: str, data_dir: str, output_dir: str, epochs: float
     return {"before": before, "after": after, "train_seconds": seconds, "losses": losses, "model": model}
 
 
+def _span(losses) -> str:
+    """First -> last logged loss; fewer steps than ``logging_steps`` log none."""
+    return f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "not logged (fewer steps than logging_steps)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -70,7 +75,7 @@ def main() -> None:
     out["model"].save_pretrained(args.output_dir)
     for name in out["before"]:
         print(f"{name:>11}: base {out['before'][name]:.4f} -> fine-tuned {out['after'][name]:.4f}")
-    print(f"train {out['train_seconds']:.0f} s; loss {out['losses'][0]:.3f} -> {out['losses'][-1]:.3f}")
+    print(f"train {out['train_seconds']:.0f} s; loss {_span(out['losses'])}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import argparse
 import os
 import time
 
+from train_scifact_infonce import _span  # the same first -> last loss line (examples run from their folder)
 from transformers import TrainingArguments
 
 from retrievals import AutoModelForEmbedding, RetrievalTrainer, ScoredPairCollator
@@ -61,7 +62,7 @@ def main() -> None:
     out = train_stsb(args.model, args.data_dir, args.output_dir, args.epochs, args.batch_size, args.lr)
     out["model"].save_pretrained(args.output_dir)
     print(f"STS-B test Spearman: before {out['spearman_before']:.4f} -> after {out['spearman_after']:.4f}; "
-          f"train {out['train_seconds']:.0f} s; loss {out['losses'][0]:.3f} -> {out['losses'][-1]:.3f}")
+          f"train {out['train_seconds']:.0f} s; loss {_span(out['losses'])}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def test_smollm2_lora_pipeline(smollm_gguf, data_dir, tmp_path):
             "--data_name_or_path", str(train_file), "--pooling_method", "last", "--use_lora", "True",
             "--query_instruction", "Retrieve the possible answer for query.\\nQuery: ", "--document_instruction",
             "Document: ", "--query_max_length", "48", "--document_max_length", "96", "--learning_rate", "5e-4",
-            "--per_device_train_batch_size", "8", "--max_steps", "24", "--logging_steps", "4", "--bf16",
+            "--per_device_train_batch_size", "8", "--max_steps", "12", "--logging_steps", "4", "--bf16",
             "--temperature", "0.05", "--save_strategy", "no", "--use_cpu", "True", "--report_to", "none"]
     model_args, data_args, train_args = embed.parse_args(argv)
     model = embed.load_model(model_args)

@@ -213,3 +213,19 @@ def test_embed_resumes_from_last_checkpoint(tiny_bert_dir, tmp_path, capsys):
     flags[flags.index("--output_dir") + 1] = str(tmp_path / "other")
     assert embed.main(flags) == 2
     assert "--overwrite_output_dir" in capsys.readouterr().err
+
+
+def test_finetune_beir_with_fewer_train_queries_than_a_batch_says_so(tiny_bert_dir, tmp_path, capsys):
+    from retrievals.pipelines import finetune_beir
+
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": f"doc {w}"}) + "\n"
+                                               for i, w in enumerate(WORDS)))
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": w}) + "\n" for i, w in enumerate(WORDS)))
+    for split, ids in (("train", range(3)), ("test", range(3, 6))):
+        (root / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in ids))
+    code = finetune_beir.main(["--model_name_or_path", tiny_bert_dir, "--data_dir", str(root), "--output_dir",
+                               str(tmp_path / "out"), "--batch_size", "8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "3 training queries" in err and "--batch_size 8" in err, err

@@ -38,8 +38,13 @@ def test_smollm2_last_pooling_left_equals_right(smollm_gguf, precision, min_cosi
 
 
 def test_scifact_main_job(minilm_dir, data_dir, tmp_path):
-    args = EvalArguments(model_name_or_path=minilm_dir, data_dir=os.path.join(data_dir, "scifact"),
-                         output_file=str(tmp_path / "m.json"))
+    # a fixed subset (test-judged documents + every 6th other, 1,097 documents) keeps this test a few minutes
+    # on a CPU without bf16 units; sentence-transformers 6.2 fp32 + pytrec_eval give nDCG@10 0.7873 and
+    # recall@100 0.9867 on it (ST encode, ST's own pooling and truncation, not our code); full corpus: 0.6451
+    from scifact_subset import write_scifact_subset
+
+    subset = write_scifact_subset(os.path.join(data_dir, "scifact"), str(tmp_path / "scifact"))
+    args = EvalArguments(model_name_or_path=minilm_dir, data_dir=subset, output_file=str(tmp_path / "m.json"))
     metrics = run_eval(args)
-    assert abs(metrics["ndcg@10"] - 0.6451) < 0.005, metrics
-    assert metrics["recall@100"] > 0.9
+    assert abs(metrics["ndcg@10"] - 0.7873) < 0.005, metrics
+    assert abs(metrics["recall@100"] - 0.9867) < 0.01, metrics

@@ -63,6 +63,9 @@ def run_finetune(args: FinetuneArguments) -> Dict[str, Any]:
     metrics, timings and losses. Each round's negatives and model are kept in ``output_dir/round-<r>``
     (with one round, the model is saved in ``output_dir`` only)."""
     test, train = load_beir(args.data_dir, "test"), load_beir(args.data_dir, "train")
+    if len(train.qrels) < args.batch_size:  # before any encoding: the trainer would only say "max_steps must be set"
+        raise ValueError(f"{args.data_dir}: {len(train.qrels)} training queries are fewer than one batch "
+                         f"(--batch_size {args.batch_size}, the last partial batch is dropped); lower --batch_size")
     model = load_base(args)
     timings: Dict[str, float] = {}
     start = time.perf_counter()
