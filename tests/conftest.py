@@ -6,11 +6,16 @@ import glob
 import importlib.util
 import os
 
-import pytest
-import torch
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers: one core each, child processes too
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 WORDS = (
     "the a an of to in is are was and or for on with what how why who query document passage answer "
@@ -117,3 +122,10 @@ def data_dir() -> str:
     path = os.path.abspath(DATA_DIR)
     assert os.path.isdir(path), f"shared data folder missing at {path}"
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `make test` (two xdist workers), the slow tests go first, so the longest runs start early and
+    the short ones fill in around them instead of leaving one worker alone with a long tail."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
