@@ -32,10 +32,10 @@ eval: venv
 	$(PY) -m retrievals.pipelines.eval --model_name_or_path "$(MODEL_DIR)" --data_dir $(DATA_DIR)/scifact
 
 test: venv
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 test-fast: venv
-	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 lint: venv
 	$(PY) -m ruff check src tests benchmarks

@@ -15,7 +15,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, set_seed
 
 from ..data.beir import load_beir
 from ..data.collators import ListwiseCollator, PointwiseCollator, RetrievalCollator, ScoredPairCollator
@@ -244,6 +244,7 @@ def _leave_process_group() -> None:
 
 def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedTrainingArguments) -> Dict[str, Any]:
     """Train (``do_train``), save, encode (``do_encode``) and evaluate (``do_eval``); returns a summary."""
+    set_seed(args.seed)  # random inits (LoRA's A, a projection head) equal on every rank and in every run
     model = load_model(model_args)
     model = wrap_multi_vector(model, model_args, args)
     if model_args.truncate_dim:
@@ -252,8 +253,9 @@ def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedT
     if args.do_train:
         trainer = train(model, model_args, data_args, args)
         result["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        if trainer.is_world_process_zero():
-            model.save_pretrained(args.output_dir, merge_lora=model_args.merge_lora)
+        saved = trainer.save_embedding_model(args.output_dir, merge_lora=model_args.merge_lora)  # every rank joins
+        if saved is not None:  # rank 0; an unsharded copy when FSDP trained a sharded model
+            model = saved
             if isinstance(trainer.train_dataset, PointwiseDataset):
                 from .pointwise import save_head
 

@@ -17,6 +17,8 @@ import sys
 from functools import partial
 from typing import Any, Dict, List, Optional
 
+from transformers.trainer_utils import set_seed
+
 from ..data.collators import PairCollator
 from ..data.pretrain import CropBounds, check_strategy
 from ..data.pretrain_stream import PretrainPairs, StreamPositionCallback, is_plain_text, scan_corpus
@@ -71,6 +73,7 @@ def run_pretrain(model_args: ModelArguments, pretrain_args: PretrainArguments,
     if is_plain_text(pretrain_args.corpus) and pretrain_args.pair_strategy == "title_body":
         logger.warning("title_body on a plain-text corpus: no document has a title, every pair is cropped")
     counts = corpus_summary(pretrain_args, options)
+    set_seed(args.seed)  # random inits (LoRA's A) equal on every rank and in every run
     model = load_model(model_args)
     dataset = PretrainPairs(pretrain_args.corpus, strategy=pretrain_args.pair_strategy,
                             bounds=CropBounds(pretrain_args.crop_min_ratio, pretrain_args.crop_max_ratio),
@@ -93,8 +96,7 @@ def run_pretrain(model_args: ModelArguments, pretrain_args: PretrainArguments,
     if resume and follow_stream:
         position.restore_rng = partial(trainer._load_rng_state, resume)
     trainer.train(resume_from_checkpoint=resume)
-    if trainer.is_world_process_zero():
-        model.save_pretrained(args.output_dir, merge_lora=model_args.merge_lora)
+    trainer.save_embedding_model(args.output_dir, merge_lora=model_args.merge_lora)  # every rank joins
     _leave_process_group()
     return {"corpus": counts, "steps": trainer.state.global_step,
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}

@@ -2,6 +2,7 @@
 
     retrievals serve MODEL_DIR [--port 8000] [--api_key KEY] [--max_batch_tokens 16384] ...
     retrievals serve MODEL_DIR --index_dir INDEX_DIR [--nprobe 32]      # adds POST /v1/search
+    retrievals serve MODEL_DIR --workers 4                              # 4 processes on one port
     python -m retrievals.pipelines.serve MODEL_DIR ...
 
 The model's pooling, normalisation, instructions and max lengths come from its saved config.
@@ -18,6 +19,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from typing import List, Optional
 
 from ..models.embedding_model import AutoModelForEmbedding
@@ -40,38 +42,58 @@ class ServeArguments:
         "help": "Index (retrievals index) to serve POST /v1/search from; it must come from this model's vectors"})
     nprobe: Optional[int] = field(default=None, metadata={
         "help": "IVF lists probed per query (default: the index's own; more: better recall, slower)"})
+    workers: int = field(default=1, metadata={
+        "help": "Server processes sharing the port, each with its own model copy and batcher (memory x N)"})
     log_level: str = field(default="info")
+
+
+def build_app(args: ServeArguments, config):
+    """Load the model fully and build the app (in each worker process under ``--workers``)."""
+    from ..serving import create_app
+
+    kwargs = {"use_safetensors": False} if args.allow_pickle else {}
+    model = AutoModelForEmbedding.from_pretrained(args.model_name_or_path, precision=args.precision,
+                                                  device=args.device, quantization=args.quantization, **kwargs)
+    model.eval()
+    if not config.served_model_name:
+        config.served_model_name = os.path.basename(os.path.normpath(args.model_name_or_path))
+    return create_app(model, config, index_dir=args.index_dir, nprobe=args.nprobe)
 
 
 def run_serve(args: ServeArguments, config) -> None:
     """Bind the port (fail fast if taken), load the model fully, then serve until interrupted."""
-    from ..serving import bind_socket, create_app, serve
+    from ..serving import bind_socket, serve
 
     config.api_key = config.api_key or os.environ.get("RETRIEVALS_API_KEY") or None
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     sock = bind_socket(args.host, args.port)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
+        logger.warning("serving on %s without an API key: anyone who can reach the port can use it", args.host)
+    if args.workers > 1:
+        from ..serving.workers import serve_workers
+
+        if serve_workers(partial(build_app, args, config), sock, args.workers, log_level=args.log_level) != 0:
+            raise ValueError("a worker failed (its error is above); the server stopped")
+        return
     try:
-        kwargs = {"use_safetensors": False} if args.allow_pickle else {}
-        model = AutoModelForEmbedding.from_pretrained(args.model_name_or_path, precision=args.precision,
-                                                      device=args.device, quantization=args.quantization, **kwargs)
-        model.eval()
-        if not config.served_model_name:
-            config.served_model_name = os.path.basename(os.path.normpath(args.model_name_or_path))
-        app = create_app(model, config, index_dir=args.index_dir, nprobe=args.nprobe)
+        app = build_app(args, config)
     except BaseException:
         sock.close()
         raise
-    if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
-        logger.warning("serving on %s without an API key: anyone who can reach the port can use it", args.host)
     serve(app, sock=sock, log_level=args.log_level)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     from ..serving import ServerConfig
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-"):  # `serve MODEL_DIR ...`
-        argv = ["--model_name_or_path", *argv]
-    return run_cli([ServeArguments, ServerConfig], run_serve, argv)
+    return run_cli([ServeArguments, ServerConfig], run_serve, flags(sys.argv[1:] if argv is None else argv))
+
+
+def flags(argv: List[str]) -> List[str]:
+    """``serve MODEL_DIR ...``: the leading positional model directory as ``--model_name_or_path``."""
+    argv = list(argv)
+    return ["--model_name_or_path", *argv] if argv and not argv[0].startswith("-") else argv
 
 
 if __name__ == "__main__":

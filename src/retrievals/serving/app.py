@@ -154,7 +154,7 @@ def _add_routes(app: FastAPI, state: _ServerState) -> None:
         return json_response({"version": __version__, "model": config.served_model_name, "dimension": state.dimension,
                       "pooling_method": cfg.pooling_method, "normalize_embeddings": cfg.normalize_embeddings,
                       "query_instruction": cfg.query_instruction, "document_instruction": cfg.document_instruction,
-                      **state.limits(), "server": config.public()})
+                      **state.limits(), "server": config.public(), "pid": os.getpid()})
 
     async def health() -> Response:
         try:

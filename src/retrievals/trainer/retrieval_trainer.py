@@ -4,7 +4,7 @@ It overrides only what it must: ``compute_loss`` (embed each side, call ``loss_f
 ``prediction_step`` (the eval loss), ``evaluate`` (adds an optional evaluator's metrics), saving
 (``save_pretrained`` of the embedding model plus the loss's own parameters, so checkpoints load with
 ``from_pretrained`` and resume exactly) and loading a checkpoint. Distributed training comes from
-the Trainer itself (``torchrun``).
+the Trainer itself (``torchrun``); ``--fsdp`` shards with FSDP2, on CPUs too (see :mod:`.fsdp`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from transformers import Trainer
 from ..losses import InfoNCE
 from ..losses.simcse import inputs_to_embed
 from ..losses.utils import LOSS_EXTRAS, SIDES
+from . import fsdp
 from .callbacks import EpochSamplingCallback, LossGradientCallback
 from .param_groups import describe_groups, layerwise_param_groups
 
@@ -67,11 +68,15 @@ class RetrievalTrainer(Trainer):
             getattr(args, "head_learning_rate", None)
         if evaluator is not None and kwargs.get("eval_dataset") is None:
             kwargs["eval_dataset"] = []  # no eval loss; the Trainer only needs something to evaluate
+        fsdp.drop_fsdp_without_ranks(args)
         super().__init__(model=model, args=args, **kwargs)
         # Our loss is a mean over the batch: the Trainer must divide it by the accumulation steps itself
         # (with True it would expect the model to use num_items_in_batch whenever batches carry labels).
         self.model_accepts_loss_kwargs = False
         self.loss_fn = loss_fn if loss_fn is not None else InfoNCE()
+        fsdp.check_fsdp_loss(self)
+        if self.is_fsdp_enabled:
+            self.add_callback(fsdp.ShardReport())
         if hasattr(self.train_dataset, "set_epoch"):
             if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
                 logger.warning("persistent dataloader workers keep their own copy of the dataset: sampled "
@@ -81,6 +86,12 @@ class RetrievalTrainer(Trainer):
             logger.info("loss_fn has trainable parameters; add them to the optimizer (done automatically "
                         "when the trainer creates it)")
             self.add_callback(LossGradientCallback(self.loss_fn))
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        fsdp.enable_fsdp_on_cpu(self)
+        if self.is_fsdp_enabled:
+            fsdp.check_ranks_agree(self)
 
     loss_is_scaled_for_ga = False  # compute_loss returns a batch mean; the Trainer divides by accumulation steps
 
@@ -166,14 +177,33 @@ class RetrievalTrainer(Trainer):
         return metrics
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        """Rank 0 writes ``save_pretrained``'s files; a sharded (FSDP) model saves the full ``state_dict``
+        the Trainer gathered (every rank gathers it when none is given)."""
         output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        if fsdp.is_sharded(model):
+            state_dict = fsdp.full_state_dict(model) if state_dict is None else state_dict
+            model = fsdp.plain_copy(model, state_dict) if self.args.should_save else model
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
         if not hasattr(model, "save_pretrained"):
             raise TypeError(f"{type(model).__name__} has no save_pretrained; pass an AutoModelForEmbedding")
         model.save_pretrained(output_dir)
         self._save_loss_state(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def save_embedding_model(self, output_dir: str, merge_lora: bool = True) -> Optional[nn.Module]:
+        """``save_pretrained`` of the trained model by rank 0; every rank must call it (a sharded model is
+        gathered first). Returns the model on rank 0, unsharded (for encoding after training), else None."""
+        model = self.accelerator.unwrap_model(self.model)
+        if fsdp.is_sharded(model):
+            state = fsdp.full_state_dict(model)
+            model = fsdp.plain_copy(model, state) if self.is_world_process_zero() else None
+        if not self.is_world_process_zero():
+            return None
+        model.save_pretrained(output_dir, merge_lora=merge_lora)
+        return model
 
     def _save_loss_state(self, output_dir: str) -> None:
         """Parameters and buffers of the loss (ArcFace class centres ...), so a resume restores them."""
@@ -196,6 +226,11 @@ class RetrievalTrainer(Trainer):
                                     f"({', '.join(list(state)[:4])}); it was saved by another loss or an older version")
         self.loss_fn.load_state_dict(load_file(path))
 
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        if checkpoint is None or not self.is_fsdp_enabled or not fsdp.load_full_optimizer(self, checkpoint):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: our checkpoints hold the backbone's weights (not the wrapper's)."""
         logger.info("Loading best model from %s (score: %s)", self.state.best_model_checkpoint, self.state.best_metric)
@@ -208,6 +243,8 @@ class RetrievalTrainer(Trainer):
 
         model = model or self.model
         self._load_loss_state(resume_from_checkpoint)
+        if fsdp.is_sharded(model):
+            return fsdp.load_sharded_checkpoint(self, model, resume_from_checkpoint)
         if hasattr(model, "load_projection"):  # a multi-vector head, saved beside the backbone
             model.load_projection(resume_from_checkpoint, required=True)
         if is_peft_model(model.model):

@@ -1,0 +1,112 @@
+"""``retrievals serve --workers N``: N server processes on one port, each with its own model and batcher.
+
+The parent binds the port once (a taken port fails before any model loads) and starts N spawned processes
+that inherit the listening socket; the kernel hands each new connection to one of them. The parent loads no
+model and serves nothing: it waits. SIGTERM/SIGINT go to every worker, which stop accepting, finish their
+in-flight requests and exit; the parent exits 0 when all have. A worker that dies after it started serving is
+restarted; one that fails while loading stops the whole server (every worker would fail the same way).
+
+Each worker's torch uses ``cpu_count // N`` threads unless ``OMP_NUM_THREADS`` says otherwise. ``/metrics``
+counts per worker (the one that answers the scrape); ``/info`` names the worker's ``pid``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from typing import Callable, List, Optional
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["serve_workers"]
+
+
+def _worker(make_app: Callable[[], object], sock: socket.socket, ready, threads: int, log_level: str,
+            graceful_timeout: float) -> None:
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from .server import serve
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(threads)
+    app = make_app()
+    ready.set()
+    serve(app, sock=sock, log_level=log_level, graceful_timeout=graceful_timeout)
+
+
+class _Supervisor:
+    def __init__(self, make_app, sock, workers: int, log_level: str, graceful_timeout: float) -> None:
+        self.ctx = multiprocessing.get_context("spawn")  # no fork of a process that imported torch
+        self.make_app, self.sock, self.log_level, self.graceful_timeout = make_app, sock, log_level, graceful_timeout
+        self.threads = max(1, (os.cpu_count() or 1) // workers)
+        self.slots: List[Optional[tuple]] = [None] * workers
+        self.stopping = False
+
+    def start(self, slot: int) -> None:
+        ready = self.ctx.Event()
+        process = self.ctx.Process(target=_worker, name=f"retrievals-worker-{slot}", daemon=False,
+                                   args=(self.make_app, self.sock, ready, self.threads, self.log_level,
+                                         self.graceful_timeout))
+        process.start()
+        self.slots[slot] = (process, ready)
+        logger.info("worker %d started (pid %d, %d torch threads)", slot, process.pid, self.threads)
+
+    def stop(self, signum=None, frame=None) -> None:
+        if not self.stopping:
+            logger.info("stopping %d workers (signal %s): each finishes its in-flight requests", len(self.slots), signum)
+        self.stopping = True
+        for process, _ in filter(None, self.slots):
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    def watch(self) -> int:
+        """Restart workers that die after they were serving; returns the exit status."""
+        while not self.stopping:
+            time.sleep(0.2)
+            for slot, (process, ready) in enumerate(self.slots):
+                if process.is_alive() or self.stopping:
+                    continue
+                if not ready.is_set():
+                    logger.error("worker %d exited with %s while loading the model; stopping", slot, process.exitcode)
+                    self.stop()
+                    self.join()
+                    return 1
+                logger.warning("worker %d (pid %d) exited with %s; restarting it", slot, process.pid, process.exitcode)
+                self.start(slot)
+        return self.join()
+
+    def join(self) -> int:
+        deadline = time.monotonic() + self.graceful_timeout + 10
+        status = 0
+        for process, _ in filter(None, self.slots):
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                logger.error("worker pid %d did not stop within the graceful timeout; killing it", process.pid)
+                process.kill()
+                process.join()
+                status = 1
+        return status
+
+
+def serve_workers(make_app: Callable[[], object], sock: socket.socket, workers: int, log_level: str = "info",
+                  graceful_timeout: float = 30.0) -> int:
+    """Serve ``make_app()`` (a picklable callable that loads the model and builds the app) from ``workers``
+    processes sharing the listening ``sock``; blocks until SIGTERM/SIGINT, returns the exit status."""
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    supervisor = _Supervisor(make_app, sock, workers, log_level, graceful_timeout)
+    previous = {sig: signal.signal(sig, supervisor.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for slot in range(workers):
+            supervisor.start(slot)
+        return supervisor.watch()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()

@@ -1,0 +1,211 @@
+"""FSDP2 (``fully_shard``) for :class:`RetrievalTrainer`, on CPU (gloo) as on accelerators.
+
+accelerate keeps the Trainer's FSDP plugin only on accelerator devices: in ``AcceleratorState.__init__``
+(``accelerate/state.py``) the branch that sets ``distributed_type = FSDP`` sits under
+``distributed_type in [MULTI_GPU, MULTI_NPU, ...]``, and ``MULTI_CPU`` is not in that list, so ``--fsdp``
+under ``torchrun`` on CPUs silently trains with DDP. FSDP2's ``fully_shard`` itself runs on CPU with gloo:
+:func:`enable_fsdp_on_cpu` hands accelerate its plugin back, and the Trainer then shards, saves and
+resumes through its own FSDP code paths.
+
+A sharded model cannot call ``save_pretrained`` (its parameters are DTensor shards): every rank joins
+:func:`full_state_dict`, and rank 0 saves :func:`plain_copy` (an unsharded copy holding those full
+tensors) the usual way, so checkpoints and the final model load with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+# Forward/backward hooks of a module (FSDP's own among them); a copy made for saving needs none.
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _say_once(args, message: str) -> None:
+    if getattr(args, "process_index", 0) == 0:
+        logger.warning(message)
+
+
+def fsdp_version(args) -> Optional[int]:
+    """The FSDP version ``args`` ask for (``--fsdp``), or None."""
+    plugin_args = getattr(args, "fsdp_plugin_args", None)
+    return int(plugin_args.get("fsdp_version", 2)) if getattr(args, "fsdp", None) and plugin_args else None
+
+
+def drop_fsdp_without_ranks(args) -> None:
+    """``--fsdp`` in a single process: nothing to shard across (the Trainer would refuse); say so and train unsharded."""
+    if args is None or fsdp_version(args) is None or args.fsdp_config.get("xla", False) or args.world_size > 1:
+        return
+    _say_once(args, "--fsdp: FSDP shards the model across processes and this run has one; training unsharded "
+                    "in this process instead (launch with torchrun --nproc_per_node N to shard)")
+    args.fsdp, args.fsdp_plugin_args = False, None
+
+
+def enable_fsdp_on_cpu(trainer) -> None:
+    """After the Trainer built its Accelerator: on CPUs under torchrun, switch accelerate from DDP to FSDP2."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    version = fsdp_version(trainer.args)
+    state = trainer.accelerator.state
+    if version is None or trainer.is_fsdp_enabled or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if version != 2:
+        _say_once(trainer.args, f"--fsdp: FSDP{version} does not run on CPU; training runs with DDP instead "
+                                "(fsdp_config {\"version\": 2} shards on CPU)")
+        return
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+    logger.info("--fsdp on CPU: FSDP2 (fully_shard) over %d processes (%s)", state.num_processes,
+                torch.distributed.get_backend())
+
+
+def check_fsdp_loss(trainer) -> None:
+    """The FSDP optimizer checkpoint covers the model's parameters only: refuse a loss with its own."""
+    loss = trainer.loss_fn
+    if trainer.is_fsdp_enabled and isinstance(loss, nn.Module) and any(p.requires_grad for p in loss.parameters()):
+        raise ValueError(f"--fsdp cannot train {type(loss).__name__}: it has trainable parameters of its own "
+                         "(ArcFace class centres), which FSDP checkpoints do not hold; train it without --fsdp")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def local_numel(model: nn.Module) -> int:
+    """Parameter elements this rank holds (its shards under FSDP, everything otherwise)."""
+    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+
+
+def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The full (unsharded) state dict on rank 0, on CPU; ``{}`` on the other ranks. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _unsharded_class(module: nn.Module) -> type:
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(module)
+    return cls.__mro__[cls._orig_cls_mro_index] if isinstance(module, FSDPModule) else cls
+
+
+def plain_copy(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
+    """An unsharded copy of a ``fully_shard``-ed ``model``: the same classes and attributes (config,
+    tokenizer, peft config ...), its parameters and persistent buffers the tensors of ``state_dict``
+    (from :func:`full_state_dict`), no hooks. For saving on rank 0 (``save_pretrained``, LoRA merge)."""
+    done: Dict[int, object] = {}
+
+    def tensor(key: str, old: torch.Tensor, parameter: bool):
+        if id(old) not in done:  # tied weights stay tied
+            if key not in state_dict:
+                if parameter:
+                    raise KeyError(f"the full state dict has no {key}")
+                done[id(old)] = old  # a non-persistent buffer: never sharded
+            else:
+                new = state_dict[key]
+                done[id(old)] = nn.Parameter(new, requires_grad=old.requires_grad) if parameter else new
+        return done[id(old)]
+
+    def copy_module(module: nn.Module, prefix: str) -> nn.Module:
+        if id(module) in done:
+            return done[id(module)]
+        cls = _unsharded_class(module)
+        clone = cls.__new__(cls)
+        done[id(module)] = clone
+        clone.__dict__.update(module.__dict__)
+        for name in _HOOK_DICTS:
+            if name in module.__dict__:
+                clone.__dict__[name] = OrderedDict()
+        clone._parameters = {n: None if p is None else tensor(prefix + n, p, True) for n, p in module._parameters.items()}
+        clone._buffers = {n: None if b is None else tensor(prefix + n, b, False) for n, b in module._buffers.items()}
+        clone._modules = {n: None if m is None else copy_module(m, f"{prefix}{n}.") for n, m in module._modules.items()}
+        return clone
+
+    return copy_module(model, "")
+
+
+def load_sharded_checkpoint(trainer, model: nn.Module, checkpoint: str) -> None:
+    """Resume a sharded model: accelerate's FSDP model file of the checkpoint (full or sharded state dict)."""
+    import os
+
+    from accelerate.utils import load_fsdp_model
+    from accelerate.utils.constants import FSDP_MODEL_NAME
+
+    if not any(name.startswith(FSDP_MODEL_NAME) for name in os.listdir(checkpoint)):
+        raise FileNotFoundError(f"{checkpoint} has no {FSDP_MODEL_NAME}* (the FSDP weights the Trainer writes beside "
+                                "the optimizer); it was saved without --fsdp or with save_only_model")
+    load_fsdp_model(trainer.accelerator.state.fsdp_plugin, trainer.accelerator, model, checkpoint)
+
+
+def load_full_optimizer(trainer, checkpoint: str) -> bool:
+    """Resume the optimizer from a full (``FULL_STATE_DICT``) FSDP2 checkpoint; False for other layouts.
+
+    accelerate's ``load_fsdp_optimizer`` loads strictly, and a parameter that never had a gradient (BERT's
+    pooler under mean pooling, a frozen-in-practice head) has no AdamW state: the strict load refuses the
+    checkpoint. Missing state is what DDP's ``load_state_dict`` accepts too, so we load non-strictly."""
+    import os
+
+    from accelerate.utils.constants import OPTIMIZER_NAME
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.fsdp.fully_sharded_data_parallel import StateDictType
+
+    plugin = trainer.accelerator.state.fsdp_plugin
+    path = os.path.join(checkpoint, f"{OPTIMIZER_NAME}.bin")
+    if plugin.fsdp_version != 2 or plugin.state_dict_type != StateDictType.FULL_STATE_DICT or not os.path.isfile(path):
+        return False
+    rank0_only = bool(getattr(plugin.optim_state_dict_config, "rank0_only", False))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=rank0_only, strict=False,
+                               cpu_offload=bool(getattr(plugin.state_dict_config, "offload_to_cpu", False)))
+    state = torch.load(path, weights_only=True) if trainer.args.process_index == 0 or not rank0_only else {}
+    set_optimizer_state_dict(trainer.model, trainer.optimizer, state, options=options)
+    trainer.accelerator.wait_for_everyone()
+    return True
+
+
+def check_ranks_agree(trainer) -> None:
+    """Before sharding: every rank must hold the same weights. ``fully_shard`` keeps each rank's own slice of
+    its own copy, so an unseeded random init (LoRA's A) would silently train a mix of the ranks' models
+    (DDP hides it by broadcasting rank 0's). One float64 sum per parameter, gathered: a pass over the weights."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or is_sharded(trainer.model):
+        return
+    params = [p for p in trainer.model.parameters()]
+    sums = torch.stack([p.detach().double().sum() for p in params]).to(trainer.args.device) if params else None
+    if sums is None:
+        return
+    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums)
+    spread = (torch.stack(gathered).amax(0) - torch.stack(gathered).amin(0)).cpu()
+    tolerance = 1e-6 * torch.stack(gathered).abs().amax(0).cpu().clamp_min(1.0)
+    differ = [name for (name, _), d, t in zip(trainer.model.named_parameters(), spread, tolerance) if d > t]
+    if differ:
+        raise RuntimeError(f"--fsdp: the ranks hold different weights in {len(differ)} parameters ({differ[:3]} ...); "
+                           "fully_shard would train a mix of them. Seed every random init (--seed) before loading")
+
+
+class ShardReport(TrainerCallback):
+    """Logs, once training has sharded the model, how many parameter elements each rank holds."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and is_sharded(model):
+            total = sum(p.numel() for p in model.parameters())
+            logger.info("FSDP rank %d holds %d of %d parameter elements (%.1f%%)", args.process_index,
+                        local_numel(model), total, 100.0 * local_numel(model) / max(total, 1))

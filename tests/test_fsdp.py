@@ -1,0 +1,140 @@
+"""FSDP2 through the HF Trainer on CPU (gloo, torchrun): the same losses and weights as DDP, checkpoints that
+load with ``from_pretrained`` and resume exactly, LoRA included; and the one-line messages where it cannot run."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from retrievals import AutoModelForEmbedding
+from retrievals.pipelines import embed
+from test_pipelines import common_flags, write_pairs
+
+TEXTS = ["cat dog", "the sun and the moon", "blue fish", "red sky green ocean"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(model_dir, data, out, *extra, overwrite=True):
+    """Two ranks of ``embed`` for 4 steps of 4 examples each, cross-device negatives, a checkpoint every 2 steps."""
+    flags = common_flags(out.parent, model_dir, data)
+    flags[flags.index("--output_dir") + 1] = str(out)
+    flags[flags.index("--per_device_train_batch_size") + 1] = "4"
+    flags[flags.index("--save_strategy") + 1] = "steps"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "retrievals.pipelines.embed", *flags, "--max_steps", "4", "--save_steps", "2",
+           "--negatives_cross_device", "True", "--ddp_backend", "gloo", *extra]
+    if overwrite:
+        cmd.append("--overwrite_output_dir")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr
+
+
+def losses(out):
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    return [h["loss"] for h in state["log_history"] if "loss" in h]
+
+
+def assert_same_weights(a, b, atol):
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=atol, msg=key)
+
+
+def assert_encodes_alike(a, b):
+    ea = AutoModelForEmbedding.from_pretrained(a, precision="fp32").encode(TEXTS, precision="fp32")
+    eb = AutoModelForEmbedding.from_pretrained(b, precision="fp32").encode(TEXTS, precision="fp32")
+    assert (ea * eb).sum(1).min() >= 0.999999
+
+
+def fsdp_against_ddp_then_resume(model_dir, tmp_path, *extra):
+    data = write_pairs(tmp_path / "train.jsonl", with_negatives=False)
+    torchrun(model_dir, data, tmp_path / "ddp", *extra)
+    log = torchrun(model_dir, data, tmp_path / "fsdp", *extra, "--fsdp", "full_shard")
+    assert "FSDP2 (fully_shard) over 2 processes" in log  # not accelerate's silent DDP
+    held = {int(r): int(n) for r, n in re.findall(r"FSDP rank (\d) holds (\d+) of", log)}
+    total = int(re.search(r"holds \d+ of (\d+) parameter", log).group(1))
+    assert set(held) == {0, 1} and sum(held.values()) == total and max(held.values()) < 0.52 * total
+    np.testing.assert_allclose(losses(tmp_path / "fsdp"), losses(tmp_path / "ddp"), rtol=1e-5)
+    assert_same_weights(tmp_path / "fsdp", tmp_path / "ddp", atol=1e-6)
+    assert_encodes_alike(tmp_path / "fsdp", tmp_path / "ddp")
+    # resume: a run that finds only checkpoint-2 finishes where the uninterrupted one did
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", resumed / "checkpoint-2")
+    log = torchrun(model_dir, data, resumed, *extra, "--fsdp", "full_shard", overwrite=False)
+    assert "Resuming from" in log
+    assert losses(resumed) == losses(tmp_path / "fsdp")
+    assert_same_weights(resumed, tmp_path / "fsdp", atol=0)
+    return tmp_path / "fsdp"
+
+
+@pytest.mark.slow
+def test_fsdp_full_fine_tuning_equals_ddp_and_resumes(tiny_bert_dir, tmp_path):
+    # BERT keeps dropout on: the ranks' random streams must match DDP's too
+    out = fsdp_against_ddp_then_resume(tiny_bert_dir, tmp_path)
+    assert os.path.isfile(out / "checkpoint-2" / "pytorch_model_fsdp.bin")  # the Trainer's FSDP resume file
+    assert os.path.isfile(out / "checkpoint-2" / "model.safetensors")  # and a checkpoint from_pretrained loads
+
+
+@pytest.mark.slow
+def test_fsdp_lora_equals_ddp_and_resumes(tiny_llama_dir, tmp_path):
+    out = fsdp_against_ddp_then_resume(tiny_llama_dir, tmp_path, "--use_lora", "True", "--lora_dropout", "0")
+    assert os.path.isfile(out / "adapter" / "adapter_model.safetensors")
+
+
+def test_fsdp_in_one_process_says_it_trains_unsharded(tiny_bert_dir, tmp_path, caplog):
+    data = write_pairs(tmp_path / "train.jsonl", n=16, with_negatives=False)
+    with caplog.at_level("WARNING"):
+        assert embed.main(common_flags(tmp_path, tiny_bert_dir, data) + ["--fsdp", "full_shard"]) == 0
+    messages = [r.getMessage() for r in caplog.records if "--fsdp" in r.getMessage()]
+    assert len(messages) == 1 and "this run has one; training unsharded" in messages[0]
+    assert AutoModelForEmbedding.from_pretrained(tmp_path / "out").encode("cat dog").shape == (32,)
+
+
+def _disagreeing_rank(rank, port, result):
+    from types import SimpleNamespace
+
+    from retrievals.trainer import fsdp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        trainer = SimpleNamespace(model=model, args=SimpleNamespace(device=torch.device("cpu")))
+        fsdp.check_ranks_agree(trainer)  # the same seed: agrees
+        if rank == 1:
+            with torch.no_grad():
+                model[1].weight[0, 0] += 1e-3
+        try:
+            fsdp.check_ranks_agree(trainer)
+            result[rank] = "no error"
+        except RuntimeError as err:
+            result[rank] = str(err)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_refuses_ranks_with_different_weights():
+    # fully_shard keeps each rank's slice of its own copy: an unseeded init would train a mix of models
+    result = mp.Manager().dict()
+    mp.spawn(_disagreeing_rank, args=(_free_port(), result), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert "ranks hold different weights in 1 parameters (['1.weight']" in result[rank]
