@@ -265,3 +265,24 @@ def test_triplet_collator_tokens_ids_and_errors(tiny_bert_dir):
     assert single["negative"]["input_ids"].shape[0] == 1
     with pytest.raises(ValueError, match=r"same, non-zero number of negatives; got sizes \[1, 2\]"):
         collator([items[0], {"query": "x", "positive": "y", "negative": ["z"]}])
+
+
+def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path, caplog):
+    from retrievals.trainer.checkpoints import last_complete_checkpoint
+
+    def checkpoint(step, *files):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("x")
+
+    checkpoint(2, "model.safetensors", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json")
+    checkpoint(4, "model.safetensors", "rng_state_0.pth", "trainer_state.json")  # rank 1 never wrote its RNG
+    checkpoint(10, "model.safetensors")  # killed after the weights
+    (tmp_path / "checkpoint-12").write_text("a file, not a checkpoint")
+    assert last_complete_checkpoint(str(tmp_path), world_size=1).endswith("checkpoint-4")
+    with caplog.at_level("WARNING"):
+        assert last_complete_checkpoint(str(tmp_path), world_size=2).endswith("checkpoint-2")
+    assert "checkpoint-10: incomplete (no trainer_state.json)" in caplog.text
+    assert "checkpoint-4: incomplete (no rng_state_1.pth)" in caplog.text
+    assert last_complete_checkpoint(str(tmp_path / "checkpoint-10")) is None

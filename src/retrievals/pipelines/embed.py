@@ -15,7 +15,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-from transformers.trainer_utils import get_last_checkpoint, set_seed
+from transformers.trainer_utils import set_seed
 
 from ..data.beir import load_beir
 from ..data.collators import ListwiseCollator, PointwiseCollator, RetrievalCollator, ScoredPairCollator
@@ -27,6 +27,7 @@ from ..losses.matryoshka import parse_dims
 from ..models.embedding_model import AutoModelForEmbedding
 from ..models.multi_vector import MultiVectorModel
 from ..trainer import RetrievalTrainer
+from ..trainer.checkpoints import last_complete_checkpoint
 from .arguments import DataArguments, EmbedTrainingArguments, ModelArguments
 from .cli import run_cli
 from .multi_vector import evaluate_multi_vector, maxsim_loss_kwargs, wrap_multi_vector
@@ -158,9 +159,9 @@ def check_output_dir(args: EmbedTrainingArguments) -> Optional[str]:
         return args.resume_from_checkpoint
     if not args.do_train or not os.path.isdir(args.output_dir) or not os.listdir(args.output_dir):
         return None
-    last = get_last_checkpoint(args.output_dir)
     if args.overwrite_output_dir:
         return None
+    last = last_complete_checkpoint(args.output_dir, args.world_size)
     if last is None:
         raise ValueError(f"Output directory {args.output_dir!r} is not empty; pass --overwrite_output_dir")
     logger.info("Resuming from %s", last)
