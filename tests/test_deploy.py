@@ -230,3 +230,16 @@ def test_serve_workers_share_one_port(tiny_bert_dir, tmp_path):
 def test_serve_workers_refuses_zero():
     result = subprocess.run([RETRIEVALS, "serve", "/nonexistent", "--workers", "0"], capture_output=True, text=True)
     assert result.returncode == 2 and "--workers must be >= 1, got 0" in result.stderr
+
+
+def test_serve_workers_on_a_taken_port_fail_before_loading(tiny_bert_dir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run([RETRIEVALS, "serve", tiny_bert_dir, "--port", str(port), "--workers", "2"],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "worker 0 started" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"

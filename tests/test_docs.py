@@ -146,7 +146,7 @@ def test_skipped_blocks_are_exactly_the_expected_ones():
 def test_every_page_has_blocks_and_the_readme_is_a_front_page():
     pages = {case[0].path for case in CASES}
     for page in ("README.md", "docs/models.md", "docs/training.md", "docs/pipelines.md", "docs/scaling.md",
-                 "docs/serving.md", "docs/benchmarks.md", "docs/training-skills.md"):
+                 "docs/serving.md", "docs/benchmarks.md", "docs/training-skills.md", "docs/distributed.md"):
         assert page in pages, f"{page} has no runnable block"
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         readme = f.read()

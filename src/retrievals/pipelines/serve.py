@@ -67,15 +67,16 @@ def run_serve(args: ServeArguments, config) -> None:
     config.api_key = config.api_key or os.environ.get("RETRIEVALS_API_KEY") or None
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    sock = bind_socket(args.host, args.port)
     if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         logger.warning("serving on %s without an API key: anyone who can reach the port can use it", args.host)
     if args.workers > 1:
         from ..serving.workers import serve_workers
 
-        if serve_workers(partial(build_app, args, config), sock, args.workers, log_level=args.log_level) != 0:
+        if serve_workers(partial(build_app, args, config), args.host, args.port, args.workers,
+                         log_level=args.log_level) != 0:
             raise ValueError("a worker failed (its error is above); the server stopped")
         return
+    sock = bind_socket(args.host, args.port)
     try:
         app = build_app(args, config)
     except BaseException:

@@ -20,16 +20,23 @@ logger = logging.getLogger(__name__)
 __all__ = ["bind_socket", "serve", "BackgroundServer"]
 
 
-def bind_socket(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
-    """A listening TCP socket; ``OSError`` with a one-line reason if the address can't be used."""
+def bind_socket(host: str = "127.0.0.1", port: int = 8000, reuse_port: bool = False,
+                listen: bool = True) -> socket.socket:
+    """A listening TCP socket; ``OSError`` with a one-line reason if the address can't be used.
+    ``reuse_port``: several processes bind the same port and the kernel spreads new connections over
+    their sockets (``SO_REUSEPORT``); ``listen=False`` only reserves the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    if not listen:
+        return sock
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

@@ -1,10 +1,13 @@
 """``retrievals serve --workers N``: N server processes on one port, each with its own model and batcher.
 
-The parent binds the port once (a taken port fails before any model loads) and starts N spawned processes
-that inherit the listening socket; the kernel hands each new connection to one of them. The parent loads no
-model and serves nothing: it waits. SIGTERM/SIGINT go to every worker, which stop accepting, finish their
-in-flight requests and exit; the parent exits 0 when all have. A worker that dies after it started serving is
-restarted; one that fails while loading stops the whole server (every worker would fail the same way).
+The parent reserves the port (a taken port fails before any model loads) and starts N spawned processes;
+each listens on the port with its own ``SO_REUSEPORT`` socket, and the kernel spreads new connections evenly
+over them (by a hash of the client's address and port). One shared listening socket would leave the split to
+whichever worker's event loop accepts first: with keep-alive clients we measured one worker taking most
+connections and the other idling in some runs. The parent loads no model and serves nothing: it waits.
+SIGTERM/SIGINT go to every worker, which stop accepting, finish their in-flight requests and exit; the
+parent exits 0 when all have. A worker that dies after it started serving is restarted; one that fails
+while loading stops the whole server (every worker would fail the same way).
 
 Each worker's torch uses ``cpu_count // N`` threads unless ``OMP_NUM_THREADS`` says otherwise. ``/metrics``
 counts per worker (the one that answers the scrape); ``/info`` names the worker's ``pid``.
@@ -16,34 +19,35 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["serve_workers"]
 
 
-def _worker(make_app: Callable[[], object], sock: socket.socket, ready, threads: int, log_level: str,
+def _worker(make_app: Callable[[], object], address: Tuple[str, int], ready, threads: int, log_level: str,
             graceful_timeout: float) -> None:
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(levelname)s %(name)s: %(message)s")
     import torch
 
-    from .server import serve
+    from .server import bind_socket, serve
 
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(threads)
     app = make_app()
+    sock = bind_socket(*address, reuse_port=True)  # listening only once the model is loaded
     ready.set()
     serve(app, sock=sock, log_level=log_level, graceful_timeout=graceful_timeout)
 
 
 class _Supervisor:
-    def __init__(self, make_app, sock, workers: int, log_level: str, graceful_timeout: float) -> None:
+    def __init__(self, make_app, address, workers: int, log_level: str, graceful_timeout: float) -> None:
         self.ctx = multiprocessing.get_context("spawn")  # no fork of a process that imported torch
-        self.make_app, self.sock, self.log_level, self.graceful_timeout = make_app, sock, log_level, graceful_timeout
+        self.make_app, self.address, self.log_level = make_app, address, log_level
+        self.graceful_timeout = graceful_timeout
         self.threads = max(1, (os.cpu_count() or 1) // workers)
         self.slots: List[Optional[tuple]] = [None] * workers
         self.stopping = False
@@ -51,7 +55,7 @@ class _Supervisor:
     def start(self, slot: int) -> None:
         ready = self.ctx.Event()
         process = self.ctx.Process(target=_worker, name=f"retrievals-worker-{slot}", daemon=False,
-                                   args=(self.make_app, self.sock, ready, self.threads, self.log_level,
+                                   args=(self.make_app, self.address, ready, self.threads, self.log_level,
                                          self.graceful_timeout))
         process.start()
         self.slots[slot] = (process, ready)
@@ -94,13 +98,16 @@ class _Supervisor:
         return status
 
 
-def serve_workers(make_app: Callable[[], object], sock: socket.socket, workers: int, log_level: str = "info",
+def serve_workers(make_app: Callable[[], object], host: str, port: int, workers: int, log_level: str = "info",
                   graceful_timeout: float = 30.0) -> int:
     """Serve ``make_app()`` (a picklable callable that loads the model and builds the app) from ``workers``
-    processes sharing the listening ``sock``; blocks until SIGTERM/SIGINT, returns the exit status."""
+    processes listening on ``host:port``; blocks until SIGTERM/SIGINT, returns the exit status."""
+    from .server import bind_socket
+
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    supervisor = _Supervisor(make_app, sock, workers, log_level, graceful_timeout)
+    sock = bind_socket(host, port, reuse_port=True, listen=False)  # reserves the port; fails fast if taken
+    supervisor = _Supervisor(make_app, sock.getsockname()[:2], workers, log_level, graceful_timeout)
     previous = {sig: signal.signal(sig, supervisor.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for slot in range(workers):
