@@ -32,7 +32,7 @@ eval: venv
 	$(PY) -m retrievals.pipelines.eval --model_name_or_path "$(MODEL_DIR)" --data_dir $(DATA_DIR)/scifact
 
 test: venv
-	$(PY) -m pytest -q -n 2 --dist worksteal
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=25
 
 test-fast: venv
 	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
