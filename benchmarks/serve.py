@@ -135,13 +135,15 @@ def main() -> None:
             port = free_port()
             proc = start_server(args.model_dir, port, ["--precision", args.precision, *extra])
             try:
-                one = extra[-1:] != [str(args.workers)] or args.workers == 1  # /metrics is per worker process
-                before = batch_stats(port) if one else None
+                # /metrics is per process: with several workers it counts only the one that answers
+                one_process = "--workers" not in extra or extra[extra.index("--workers") + 1] == "1"
+                before = batch_stats(port) if one_process else None
                 result = asyncio.run(drive(port, texts, args.clients, args.seconds, args.warmup))
-                after = batch_stats(port) if one else {"mean_batch": float("nan"), "model_seconds": float("nan")}
-                result["mean_batch"] = after["mean_batch"]
-                result["model_busy"] = ((after["model_seconds"] - before["model_seconds"]) / (args.seconds + args.warmup)
-                                        if one else float("nan"))
+                result["mean_batch"] = result["model_busy"] = float("nan")
+                if one_process:
+                    after = batch_stats(port)
+                    result["mean_batch"] = after["mean_batch"]
+                    result["model_busy"] = (after["model_seconds"] - before["model_seconds"]) / (args.seconds + args.warmup)
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)

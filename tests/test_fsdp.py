@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -19,14 +18,10 @@ from safetensors.torch import load_file
 from retrievals import AutoModelForEmbedding
 from retrievals.pipelines import embed
 from test_pipelines import common_flags, write_pairs
+from test_serving_cli import free_port
 
 TEXTS = ["cat dog", "the sun and the moon", "blue fish", "red sky green ocean"]
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun(model_dir, data, out, *extra, overwrite=True):
@@ -35,7 +30,7 @@ def torchrun(model_dir, data, out, *extra, overwrite=True):
     flags[flags.index("--output_dir") + 1] = str(out)
     flags[flags.index("--per_device_train_batch_size") + 1] = "4"
     flags[flags.index("--save_strategy") + 1] = "steps"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "retrievals.pipelines.embed", *flags, "--max_steps", "4", "--save_steps", "2",
            "--negatives_cross_device", "True", "--ddp_backend", "gloo", *extra]
     if overwrite:
@@ -135,6 +130,6 @@ def _disagreeing_rank(rank, port, result):
 def test_fsdp_refuses_ranks_with_different_weights():
     # fully_shard keeps each rank's slice of its own copy: an unseeded init would train a mix of models
     result = mp.Manager().dict()
-    mp.spawn(_disagreeing_rank, args=(_free_port(), result), nprocs=2, join=True)
+    mp.spawn(_disagreeing_rank, args=(free_port(), result), nprocs=2, join=True)
     for rank in (0, 1):
         assert "ranks hold different weights in 1 parameters (['1.weight']" in result[rank]

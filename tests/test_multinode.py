@@ -5,7 +5,6 @@ the weights of the uninterrupted run."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,11 @@ from safetensors.torch import load_file
 
 from retrievals.trainer.checkpoints import last_complete_checkpoint
 from test_pipelines import write_pairs
+from test_serving_cli import free_port
 
 pytestmark = pytest.mark.slow
 STEPS = 120
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def embed_flags(model_dir, data, out):
@@ -47,7 +42,7 @@ def node(node_rank, port, flags, log):
 
 
 def two_nodes(flags, tmp_path, tag):
-    port = _free_port()
+    port = free_port()
     with open(tmp_path / f"{tag}-0.log", "w") as log0, open(tmp_path / f"{tag}-1.log", "w") as log1:
         first = node(0, port, flags, log0)  # hosts the rendezvous store
         time.sleep(1)
@@ -82,7 +77,7 @@ def assert_same(a, b, atol):
 def test_two_nodes_equal_one_launcher_and_a_lost_node_resumes(tiny_bert_dir, tmp_path):
     data = write_pairs(tmp_path / "train.jsonl", with_negatives=False)
     single = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(_free_port()), *embed_flags(tiny_bert_dir, data, tmp_path / "single")],
+                             str(free_port()), *embed_flags(tiny_bert_dir, data, tmp_path / "single")],
                             env=ENV, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     launchers = two_nodes(embed_flags(tiny_bert_dir, data, tmp_path / "nodes"), tmp_path, "nodes")

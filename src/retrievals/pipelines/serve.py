@@ -65,11 +65,9 @@ def run_serve(args: ServeArguments, config) -> None:
     from ..serving import bind_socket, serve
 
     config.api_key = config.api_key or os.environ.get("RETRIEVALS_API_KEY") or None
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         logger.warning("serving on %s without an API key: anyone who can reach the port can use it", args.host)
-    if args.workers > 1:
+    if args.workers != 1:  # serve_workers refuses fewer than 1
         from ..serving.workers import serve_workers
 
         if serve_workers(partial(build_app, args, config), args.host, args.port, args.workers,

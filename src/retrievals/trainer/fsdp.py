@@ -141,6 +141,16 @@ def plain_copy(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> nn.Modu
     return copy_module(model, "")
 
 
+def model_to_save(model: nn.Module, saves_here: bool, state_dict: Optional[Dict[str, torch.Tensor]] = None):
+    """The model to call ``save_pretrained`` on, on the rank that saves (``saves_here``), else None. A sharded
+    model is gathered first (every rank must call this then; ``state_dict``: one the Trainer gathered already)
+    and the saving rank gets an unsharded :func:`plain_copy`."""
+    if is_sharded(model):
+        state_dict = full_state_dict(model) if state_dict is None else state_dict
+        return plain_copy(model, state_dict) if saves_here else None
+    return model if saves_here else None
+
+
 def load_sharded_checkpoint(trainer, model: nn.Module, checkpoint: str) -> None:
     """Resume a sharded model: accelerate's FSDP model file of the checkpoint (full or sharded state dict)."""
     import os
@@ -185,17 +195,15 @@ def check_ranks_agree(trainer) -> None:
     (DDP hides it by broadcasting rank 0's). One float64 sum per parameter, gathered: a pass over the weights."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or is_sharded(trainer.model):
+    named = list(trainer.model.named_parameters())
+    if not (dist.is_available() and dist.is_initialized()) or not named:
         return
-    params = [p for p in trainer.model.parameters()]
-    sums = torch.stack([p.detach().double().sum() for p in params]).to(trainer.args.device) if params else None
-    if sums is None:
-        return
+    sums = torch.stack([p.detach().double().sum() for _, p in named]).to(trainer.args.device)
     gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, sums)
-    spread = (torch.stack(gathered).amax(0) - torch.stack(gathered).amin(0)).cpu()
-    tolerance = 1e-6 * torch.stack(gathered).abs().amax(0).cpu().clamp_min(1.0)
-    differ = [name for (name, _), d, t in zip(trainer.model.named_parameters(), spread, tolerance) if d > t]
+    ranks = torch.stack(gathered).cpu()  # [world, parameters]
+    spread, tolerance = ranks.amax(0) - ranks.amin(0), 1e-6 * ranks.abs().amax(0).clamp_min(1.0)
+    differ = [name for (name, _), d, t in zip(named, spread, tolerance) if d > t]
     if differ:
         raise RuntimeError(f"--fsdp: the ranks hold different weights in {len(differ)} parameters ({differ[:3]} ...); "
                            "fully_shard would train a mix of them. Seed every random init (--seed) before loading")
@@ -206,6 +214,6 @@ class ShardReport(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and is_sharded(model):
-            total = sum(p.numel() for p in model.parameters())
+            held, total = local_numel(model), sum(p.numel() for p in model.parameters())
             logger.info("FSDP rank %d holds %d of %d parameter elements (%.1f%%)", args.process_index,
-                        local_numel(model), total, 100.0 * local_numel(model) / max(total, 1))
+                        held, total, 100.0 * held / max(total, 1))

@@ -181,10 +181,8 @@ class RetrievalTrainer(Trainer):
         the Trainer gathered (every rank gathers it when none is given)."""
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
-        if fsdp.is_sharded(model):
-            state_dict = fsdp.full_state_dict(model) if state_dict is None else state_dict
-            model = fsdp.plain_copy(model, state_dict) if self.args.should_save else model
-        if not self.args.should_save:
+        model = fsdp.model_to_save(model, self.args.should_save, state_dict)
+        if model is None:
             return
         os.makedirs(output_dir, exist_ok=True)
         if not hasattr(model, "save_pretrained"):
@@ -196,11 +194,8 @@ class RetrievalTrainer(Trainer):
     def save_embedding_model(self, output_dir: str, merge_lora: bool = True) -> Optional[nn.Module]:
         """``save_pretrained`` of the trained model by rank 0; every rank must call it (a sharded model is
         gathered first). Returns the model on rank 0, unsharded (for encoding after training), else None."""
-        model = self.accelerator.unwrap_model(self.model)
-        if fsdp.is_sharded(model):
-            state = fsdp.full_state_dict(model)
-            model = fsdp.plain_copy(model, state) if self.is_world_process_zero() else None
-        if not self.is_world_process_zero():
+        model = fsdp.model_to_save(self.accelerator.unwrap_model(self.model), self.is_world_process_zero())
+        if model is None:
             return None
         model.save_pretrained(output_dir, merge_lora=merge_lora)
         return model
