@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -153,10 +152,8 @@ def test_two_gloo_ranks_train_on_the_same_refreshed_negatives(tiny_bert_dir, tmp
         "    json.dump(seen, f)\n")
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    # --standalone: torchrun takes a free port itself (a port picked here could be taken by a parallel test)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(script)] + embed_argv(tiny_bert_dir, tmp_path, out) + ["--ddp_backend", "gloo"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
