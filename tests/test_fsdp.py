@@ -30,7 +30,7 @@ def torchrun(model_dir, data, out, *extra, overwrite=True):
     flags[flags.index("--output_dir") + 1] = str(out)
     flags[flags.index("--per_device_train_batch_size") + 1] = "4"
     flags[flags.index("--save_strategy") + 1] = "steps"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "retrievals.pipelines.embed", *flags, "--max_steps", "4", "--save_steps", "2",
            "--negatives_cross_device", "True", "--ddp_backend", "gloo", *extra]
     if overwrite:

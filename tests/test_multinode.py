@@ -76,8 +76,8 @@ def assert_same(a, b, atol):
 
 def test_two_nodes_equal_one_launcher_and_a_lost_node_resumes(tiny_bert_dir, tmp_path):
     data = write_pairs(tmp_path / "train.jsonl", with_negatives=False)
-    single = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(free_port()), *embed_flags(tiny_bert_dir, data, tmp_path / "single")],
+    single = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                             *embed_flags(tiny_bert_dir, data, tmp_path / "single")],
                             env=ENV, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     launchers = two_nodes(embed_flags(tiny_bert_dir, data, tmp_path / "nodes"), tmp_path, "nodes")

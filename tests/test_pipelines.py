@@ -1,6 +1,5 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -109,10 +108,7 @@ def test_lora_decoder_merged_equals_adapter(tiny_llama_dir, tmp_path):
 
 def test_torchrun_two_processes(tiny_bert_dir, tmp_path):
     data = write_pairs(tmp_path / "train.jsonl", with_negatives=False)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "retrievals.pipelines.embed"] + common_flags(tmp_path, tiny_bert_dir, data) + [
         "--negatives_cross_device", "True", "--ddp_backend", "gloo"]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -3,7 +3,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -68,11 +67,8 @@ def test_seed_embed_blocks_run_unchanged_on_cpu(block, fixture, request, tmp_pat
 
 @pytest.mark.slow
 def test_seed_block_one_through_torchrun(tiny_bert_dir, tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     argv = block_one(tiny_bert_dir, t2_ranking(tmp_path / "t2_ranking.jsonl"), str(tmp_path / "t2_output"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone",
            "-m", "retrievals.pipelines.embed", *argv, "--report_to", "none"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
