@@ -10,9 +10,14 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo eval test test-fast lint docs bench bench-serve clean
+.PHONY: venv system-deps demo eval test test-fast lint docs bench bench-serve clean
 
 venv: $(VENV)/.installed
+
+# haproxy, for the replica test (tests/test_deploy.py): from Debian's packages when it is missing.
+system-deps:
+	@command -v haproxy >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get install -y -qq haproxy >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq haproxy; }; }
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +36,10 @@ demo: venv
 eval: venv
 	$(PY) -m retrievals.pipelines.eval --model_name_or_path "$(MODEL_DIR)" --data_dir $(DATA_DIR)/scifact
 
-test: venv
+test: venv system-deps
 	$(PY) -m pytest -q -n 2 --dist worksteal --durations=25
 
-test-fast: venv
+test-fast: venv system-deps
 	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 lint: venv

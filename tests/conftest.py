@@ -124,6 +124,12 @@ def data_dir() -> str:
     return path
 
 
+def pytest_report_header(config):
+    from retrievals.models.precision import cpu_class
+
+    return f"CPU: {cpu_class()}"
+
+
 def pytest_collection_modifyitems(config, items):
     """Under `make test` (two xdist workers), the slow tests go first, so the longest runs start early and
     the short ones fill in around them instead of leaving one worker alone with a long tail."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import weakref
 from typing import ContextManager, Optional
 
@@ -34,6 +35,31 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         pass
     return False
+
+
+@functools.cache
+def cpu_class() -> str:
+    """The CPU's model name and the class that decides its precision: AMX, AVX512-BF16, AVX2-only (bf16 emulated)."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name") and name == "unknown CPU":
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    if "amx_bf16" in flags:
+        kind = "AMX (bf16 units)"
+    elif "avx512_bf16" in flags:
+        kind = "AVX512-BF16 (bf16 units)"
+    elif "avx2" in flags:
+        kind = "AVX2-only (no bf16 units: fp32)"
+    else:
+        kind = "no AVX2 (fp32)"
+    return f"{name}, {os.cpu_count()} cores, {kind}"
 
 
 def canonical_precision(name: str) -> str:
