@@ -222,6 +222,38 @@ def test_search_with_ray_equals_one_process(model_dir, tmp_path, ray_tmp):
     np.testing.assert_allclose([[h["score"] for h in hits] for hits in by_text], local.scores, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_relative_paths_when_the_actors_run_elsewhere(model_dir, tmp_path, ray_tmp, monkeypatch):
+    """A cluster whose workers' cwd is not the driver's (``--ray_address``; here a working_dir runtime env):
+    relative corpus, output_dir, model and index_dir are resolved in the driver (issue 21, item 7)."""
+    import ray
+
+    from retrievals.index.ray_engine import search_with_ray
+
+    corpus, rows = write_corpus(tmp_path / "corpus.jsonl", n=2 * SHARD, seed=6)
+    os.symlink(model_dir, tmp_path / "model")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "README").write_text("the actors' working directory\n")
+    monkeypatch.chdir(tmp_path)
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp, logging_level="WARNING",
+             runtime_env={"working_dir": str(tmp_path / "elsewhere")})
+    try:
+        actor_cwd = ray.get(ray.remote(lambda: os.getcwd()).remote())  # noqa: PLW0108 - a function Ray can ship
+        assert os.path.realpath(actor_cwd) != os.path.realpath(tmp_path)
+        manifest = encode_to_shards(job("corpus.jsonl", "vec", "model"), engine="ray", num_workers=1,
+                                    show_progress=False)
+        assert manifest.complete and len(manifest.ray_report.work) == 2
+        check_ids_once(str(tmp_path / "vec"), rows)
+        build_index("vec", "idx")
+        _, matrix = all_vectors(str(tmp_path / "vec"))
+        found = search_with_ray("idx", matrix[:4] + 0.01, top_k=3, num_workers=1, batch_size=2)
+        scores, ids = LoadedIndex(str(tmp_path / "idx")).search(matrix[:4] + 0.01, 3)
+        assert found.ids == ids and found.ids[0][0] == rows[0]["_id"]
+        np.testing.assert_allclose(found.scores, scores, rtol=0, atol=1e-6)
+    finally:
+        ray.shutdown()
+
+
 def test_ray_engine_without_ray_names_the_install_hint(model_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     corpus, _ = write_corpus(tmp_path / "corpus.jsonl", n=10)

@@ -5,7 +5,8 @@ Engines are optional and imported lazily: the local engine needs nothing more th
 """
 
 from .corpus import CorpusOptions, CorpusReader
-from .encode import BatchEncoder, EncodeJob, encode_to_shards
+from .encode import encode_to_shards
+from .encode_job import BatchEncoder, EncodeJob
 from .faiss_index import LoadedIndex, build_index
 from .manifest import VectorsManifest, model_fingerprint
 from .search import Searcher, SearchResult, exact_search_shards, search

@@ -1,111 +1,31 @@
-"""Corpus -> Parquet shards of vectors: the per-batch function every engine runs, and the local engine.
+"""Corpus -> Parquet shards of vectors: the local engine, and the entry point of every engine.
 
-:class:`BatchEncoder` maps ``{"id": [...], "text": [...]}`` to ``{"id", "embedding"}`` with the model
-(loaded once per process: the local loop, or one Ray actor). :func:`encode_to_shards` streams the
-corpus through it: bounded memory (one shard's vectors at a time), resumable (finished shards are
-checked and skipped, nothing is written twice), atomic shard writes, a progress bar with texts/s
-and ETA. ``engine="ray"`` runs the same function in Ray Data actors (:mod:`.ray_engine`).
+:func:`encode_to_shards` streams the corpus through the per-batch function
+(:class:`~retrievals.index.encode_job.BatchEncoder`): bounded memory (one shard's vectors at a time),
+resumable (finished shards are checked and skipped, nothing is written twice), atomic shard writes, a
+progress bar with texts/s and ETA. ``engine="ray"`` runs the same function in Ray Data actors
+(:mod:`.ray_engine`); the job, the batch encoder and the manifest steps both engines share live below
+both, in :mod:`.encode_job`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .corpus import CorpusOptions, CorpusReader, check_unique_ids, fingerprint
-from .manifest import VectorsManifest, model_fingerprint
-from .shards import DTYPES, shard_ranges, to_stored, verify_shard, write_shard
+from .corpus import CorpusReader, check_unique_ids
+from .encode_job import BatchEncoder, EncodeJob, finish, prepare_manifest
+from .manifest import VectorsManifest
+from .shards import shard_ranges, to_stored, write_shard
+
+__all__ = ["ENGINES", "BatchEncoder", "EncodeJob", "encode_to_shards"]
 
 logger = logging.getLogger(__name__)
 
 ENGINES = ("local", "ray")
-
-
-class BatchEncoder:
-    """The per-batch function: ``{"id": [...], "text": [...]}`` -> ``{"id": [...], "embedding": float32 [n, d]}``.
-
-    Texts are documents (the model's document instruction and max length apply). The model is loaded on
-    the first call, once per process, unless one is given."""
-
-    def __init__(self, model_name_or_path: str, batch_size: int = 32, precision: Optional[str] = None,
-                 model: Any = None, **load_kwargs: Any) -> None:
-        self.model_name_or_path, self.batch_size, self.precision = model_name_or_path, batch_size, precision
-        self.load_kwargs, self._model = load_kwargs, model
-
-    @property
-    def model(self):
-        if self._model is None:
-            from ..models.embedding_model import AutoModelForEmbedding
-
-            self._model = AutoModelForEmbedding.from_pretrained(self.model_name_or_path, **self.load_kwargs)
-        return self._model
-
-    def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        texts = [str(t) for t in batch["text"]]
-        embeddings = self.model.encode(texts, batch_size=self.batch_size, precision=self.precision,
-                                       show_progress_bar=False, convert_to_numpy=True)
-        return {"id": np.asarray(batch["id"]), "embedding": np.asarray(embeddings, dtype=np.float32)}
-
-
-@dataclass
-class EncodeJob:
-    """What to encode, where, and how (the flags of ``retrievals.pipelines.encode``)."""
-
-    corpus: str
-    output_dir: str
-    model_name_or_path: str
-    shard_size: int = 65_536
-    chunk_rows: int = 1024
-    batch_size: int = 32
-    dtype: str = "float32"
-    store_text: bool = False
-    precision: Optional[str] = None
-    corpus_options: CorpusOptions = field(default_factory=CorpusOptions)
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"Unknown embedding dtype {self.dtype!r}; valid values are: {', '.join(DTYPES)}")
-        if self.shard_size < 1 or self.chunk_rows < 1 or self.batch_size < 1:
-            raise ValueError("shard_size, chunk_rows and batch_size must be >= 1")
-
-    def options(self) -> Dict[str, Any]:
-        """Settings a resumed job must share with the first run."""
-        return {"store_text": self.store_text, "corpus_options": asdict(self.corpus_options)}
-
-
-def prepare_manifest(job: EncodeJob, model, reader: CorpusReader) -> VectorsManifest:
-    """Start a new manifest, or resume the one in ``output_dir`` after checking it is the same job;
-    shards whose file does not match its checksum are dropped (and encoded again)."""
-    fresh = VectorsManifest(
-        model=os.path.abspath(job.model_name_or_path) if os.path.exists(job.model_name_or_path) else job.model_name_or_path,
-        model_fingerprint=model_fingerprint(model), dimension=model.get_sentence_embedding_dimension(),
-        normalized=model.embedding_config.normalize_embeddings,
-        document_instruction=model.embedding_config.document_instruction, dtype=job.dtype, shard_size=job.shard_size,
-        input=fingerprint(reader.files), options=job.options())
-    os.makedirs(job.output_dir, exist_ok=True)
-    try:
-        manifest = VectorsManifest.load(job.output_dir)
-    except FileNotFoundError:
-        return fresh
-    for name in ("model_fingerprint", "dtype", "shard_size", "input", "options"):
-        if getattr(manifest, name) != getattr(fresh, name):
-            raise ValueError(f"{job.output_dir} holds vectors of another job ({name} differs: "
-                             f"{getattr(manifest, name)!r:.120} vs {getattr(fresh, name)!r:.120}); use a new --output_dir")
-    kept = []
-    for info in manifest.shards:
-        problem = verify_shard(job.output_dir, info)
-        if problem:
-            logger.warning("%s: %s; encoding it again", info.name, problem)
-        else:
-            kept.append(info)
-    manifest.shards, manifest.complete = kept, manifest.complete and len(kept) == len(manifest.shards)
-    return manifest
 
 
 def encode_to_shards(job: EncodeJob, engine: str = "local", encoder: Optional[BatchEncoder] = None,
@@ -131,21 +51,6 @@ def encode_to_shards(job: EncodeJob, engine: str = "local", encoder: Optional[Ba
         return encode_with_ray(job, manifest, reader, **engine_kwargs)
     _encode_locally(job, manifest, reader, encoder, show_progress)
     return finish(job, manifest, reader)
-
-
-def finish(job: EncodeJob, manifest: VectorsManifest, reader: CorpusReader) -> VectorsManifest:
-    """Mark the manifest complete and write the skipped records (bad or empty) with their reasons."""
-    manifest.skipped = len(reader.stats.skipped)
-    with open(os.path.join(job.output_dir, "skipped.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in reader.stats.skipped)
-    reader.stats.report(job.corpus)
-    if manifest.count != manifest.total_rows:
-        raise RuntimeError(f"{job.output_dir}: {manifest.count} rows encoded but the corpus has {manifest.total_rows}")
-    manifest.complete = True
-    manifest.save(job.output_dir)
-    logger.info("%s: %d vectors in %d shards (%d records skipped)", job.output_dir, manifest.count,
-                len(manifest.shards), manifest.skipped)
-    return manifest
 
 
 class _ShardBuffer:

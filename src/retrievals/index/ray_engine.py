@@ -1,11 +1,12 @@
 """The Ray Data engine: a corpus encoded shard by shard in a pool of actors, and queries searched in one.
 
-Same per-batch function (:class:`~retrievals.index.encode.BatchEncoder`), manifest and atomic shard
+Same per-batch function (:class:`~retrievals.index.encode_job.BatchEncoder`), manifest and atomic shard
 writes as the local engine; Ray only schedules. The driver stages each pending shard's rows in
 ``<output_dir>/_staging`` (one shard of text in memory at a time); a Ray Dataset holds one small item
 per pending shard; each :class:`ShardWorker` actor (model loaded once) encodes its shard and writes
 it; the driver records every finished shard in the manifest as it arrives, so a killed driver resumes
-with the remainder only. A killed actor is restarted and its shard retried. Every node must see
+with the remainder only. A killed actor is restarted and its shard retried. Every path the actors get
+is made absolute in the driver (their working directory is not the driver's on a cluster); every node must see
 ``output_dir`` (a shared filesystem). Ray is imported lazily: ``pip install 'retrievals[ray]'``.
 """
 
@@ -28,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .corpus import CorpusReader
-from .encode import BatchEncoder, EncodeJob, finish
+from .encode_job import BatchEncoder, EncodeJob, finish
 from .manifest import ShardInfo, VectorsManifest
 from .search import SearchResult
 from .shards import shard_ranges, to_stored, write_shard
@@ -125,7 +126,8 @@ def _data_context(ray) -> Iterator[None]:
 
 
 def _faults() -> Dict[str, Any]:
-    return json.loads(os.environ.get(FAULTS_ENV) or "{}")
+    faults = json.loads(os.environ.get(FAULTS_ENV) or "{}")
+    return faults | ({"die_once": os.path.abspath(faults["die_once"])} if faults.get("die_once") else {})
 
 
 class ShardWorker:
@@ -253,9 +255,11 @@ def encode_with_ray(job: EncodeJob, manifest: VectorsManifest, reader: CorpusRea
     ``ray_address``: an existing cluster (``output_dir`` on a filesystem every node sees); else a local
     one with its temp files in ``temp_dir`` (a short path; a fresh temporary folder by default, removed
     afterwards). A killed actor is restarted and its shard retried: without limit by default (Ray Data's
-    default), or up to ``max_restarts`` times (passed as Ray remote args, deprecated by Ray 2.60)."""
+    default), or up to ``max_restarts`` times (passed as Ray remote args, deprecated by Ray 2.60).
+    Paths are made absolute here, in the driver: a cluster's actors run in another working directory."""
     import_ray()
     started = time.perf_counter()
+    job = job.resolved()
     manifest.engine = "ray"
     staging = os.path.join(job.output_dir, STAGING)
     items = stage_pending(job, manifest, reader, staging)
@@ -318,7 +322,9 @@ def search_with_ray(index_dir: str, queries: Union[np.ndarray, str, Sequence[str
                     num_workers: int = 2, nprobe: Optional[int] = None, batch_size: int = 256,
                     ray_address: Optional[str] = None, temp_dir: Optional[str] = None) -> SearchResult:
     """Search ``queries`` (texts, or query vectors ``[q, d]``) in ``index_dir`` with ``num_workers`` actors,
-    each holding the index memory-mapped; results in input order (``result.ray_report`` says who did what)."""
+    each holding the index memory-mapped; results in input order (``result.ray_report`` says who did what).
+    ``index_dir`` is made absolute here, in the driver: a cluster's actors run in another working directory."""
+    index_dir = os.path.abspath(index_dir)
     texts = not isinstance(queries, np.ndarray)
     queries = [queries] if isinstance(queries, str) else list(queries) if texts else np.atleast_2d(queries)
     items = [{"pos": i, "query": q} for i, q in enumerate(queries)]

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..index.corpus import CorpusOptions
-from ..index.encode import EncodeJob, encode_to_shards
+from ..index.encode import encode_to_shards
+from ..index.encode_job import EncodeJob
 from ..index.manifest import VectorsManifest
 from .cli import run_cli
 
