@@ -80,7 +80,7 @@ class EncodeJob:
         """Settings a resumed job must share with the first run."""
         return {"store_text": self.store_text, "corpus_options": asdict(self.corpus_options)}
 
-    def resolved(self) -> "EncodeJob":
+    def resolved(self) -> EncodeJob:
         """This job with absolute paths (corpus, output_dir, a local model folder), resolved here: for workers
         whose working directory is not this process's (a Ray cluster's actors)."""
         return replace(self, corpus=os.path.abspath(self.corpus), output_dir=os.path.abspath(self.output_dir),
