@@ -5,41 +5,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
-import torch
 
 from ..evaluation.metrics import Run
-from ..evaluation.search import exact_search
-from .faiss_index import LoadedIndex
+from .exact import exact_search_shards
+from .faiss_index import LoadedIndex, shards_digest
 from .manifest import VectorsManifest, model_fingerprint
-from .shards import from_stored, iter_shards
 from .texts import stored_texts
 
+__all__ = ["SearchResult", "Searcher", "search", "exact_search_shards"]
+
 logger = logging.getLogger(__name__)
-
-
-def exact_search_shards(vectors_dir: str, queries: np.ndarray, top_k: int,
-                        manifest: Optional[VectorsManifest] = None, normalize: bool = False) -> Tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-``k`` over every shard, one shard in memory at a time: each shard's
-    top-k merged, which equals :func:`~retrievals.evaluation.search.exact_search` over all vectors.
-    Returns ``(scores, rows)`` with global row numbers."""
-    manifest = manifest or VectorsManifest.load(vectors_dir)
-    q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
-    best_scores = torch.full((q.shape[0], 0), float("-inf"))
-    best_rows = torch.empty((q.shape[0], 0), dtype=torch.long)
-    for info, shard in iter_shards(vectors_dir, manifest, columns=("embedding",)):
-        x = shard["embedding"]
-        x = torch.as_tensor(np.asarray(from_stored(x, manifest) if manifest.dtype == "binary" else x, dtype=np.float32))
-        if normalize:
-            x = torch.nn.functional.normalize(x, dim=-1)
-        scores, rows = exact_search(q, x, top_k=top_k)
-        best_scores = torch.cat([best_scores, scores], dim=1)
-        best_rows = torch.cat([best_rows, rows + info.first_row], dim=1)
-        best_scores, order = best_scores.topk(min(top_k, best_scores.shape[1]), dim=1)
-        best_rows = best_rows.gather(1, order)
-    return best_scores.numpy(), best_rows.numpy()
 
 
 @dataclass
@@ -88,13 +66,18 @@ class Searcher:
 
     def vectors_manifest(self) -> VectorsManifest:
         """The manifest of the vectors folder the index was built from (``FileNotFoundError`` if it moved;
-        ``ValueError`` if it now holds other vectors). ``options["store_text"]``: whether texts were kept."""
+        ``ValueError`` if it now holds other vectors: another model, corpus or encode, by the shards'
+        checksums). ``options["store_text"]``: whether texts were kept."""
         if self._vectors is None:
             made_by, folder = self.index.manifest.vectors, self.index.manifest.vectors["folder"]
             manifest = VectorsManifest.load(folder)
-            if manifest.model_fingerprint != made_by["model_fingerprint"] or manifest.count != self.index.manifest.count:
-                raise ValueError(f"{folder} no longer holds the vectors the index was built from ({manifest.count} "
-                                 f"vectors of fingerprint {manifest.model_fingerprint}); rebuild the index")
+            digest = made_by.get("shards_digest")
+            if manifest.model_fingerprint != made_by["model_fingerprint"] or manifest.count != self.index.manifest.count \
+                    or (digest is not None and shards_digest(manifest) != digest):
+                raise ValueError(f"{folder} no longer holds the vectors the index was built from (now {manifest.count} "
+                                 f"vectors of fingerprint {manifest.model_fingerprint}, shards digest "
+                                 f"{shards_digest(manifest)}; the index: {self.index.manifest.count} of "
+                                 f"{made_by['model_fingerprint']}, {digest}); rebuild the index")
             self._vectors = manifest
         return self._vectors
 
@@ -105,14 +88,15 @@ class Searcher:
 
     def search(self, queries: Union[str, Sequence[str]], top_k: int = 10, batch_size: int = 32,
                exact: bool = False, return_text: bool = False) -> SearchResult:
-        """Top-``k`` ids and scores per query; ``exact=True`` searches every stored vector (shard by shard)
-        instead of the index; ``return_text`` adds each hit's stored text (:meth:`texts_of`)."""
+        """Top-``k`` ids and scores per query (the model's similarity, as in-memory search); ``exact=True``
+        searches every stored vector (shard by shard) instead of the index, with the same scores;
+        ``return_text`` adds each hit's stored text (:meth:`texts_of`)."""
         texts = [queries] if isinstance(queries, str) else list(queries)
         vectors = np.atleast_2d(self.model.encode_queries(texts, batch_size=batch_size, convert_to_numpy=True))
         if not exact:
             return self.search_vectors(vectors, top_k, return_text)
         folder = self.index.manifest.vectors["folder"]
-        scores, rows = exact_search_shards(folder, vectors, top_k, normalize=self.index.manifest.normalized_here)
+        scores, rows = exact_search_shards(folder, vectors, top_k)
         return self._result(scores, rows, return_text)
 
     def run(self, queries: Dict[str, str], top_k: int = 100, exact: bool = False, batch_size: int = 32) -> Run:

@@ -5,6 +5,7 @@ before they are read."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -40,15 +41,37 @@ def to_stored(embeddings: np.ndarray, manifest: VectorsManifest) -> np.ndarray:
     return quantize_embeddings(embeddings, manifest.dtype, ranges=ranges).values
 
 
+def binary_scale(dimension: int) -> float:
+    """The value a stored bit stands for in a unit vector: ``sqrt(pi / (2 d))``, the mean ``|x_j|`` of a
+    unit vector with Gaussian-like entries, so that a float query's inner product with the +-scale
+    vector estimates its cosine with the document (all-MiniLM-L6-v2 on SciFact: median ratio 1.000,
+    mean error 0.03 over each query's top 200; +-1 per bit gave scores ~15.6x the cosine)."""
+    return math.sqrt(math.pi / (2 * dimension))
+
+
 def from_stored(values: np.ndarray, manifest: VectorsManifest) -> np.ndarray:
-    """Float32 vectors from stored values (int8: the range values; binary: +-1 per bit)."""
+    """Float32 vectors from stored values, on the model's similarity scale (int8: the range values;
+    binary: +-:func:`binary_scale` per bit, vectors of a model that normalises)."""
     if manifest.dtype == "float32":
         return values
     quantized = QuantizedEmbeddings(values, manifest.dtype, manifest.dimension)
     if manifest.dtype == "int8":
         quantized.starts = np.asarray(manifest.int8_ranges["starts"], dtype=np.float32)
         quantized.steps = np.asarray(manifest.int8_ranges["steps"], dtype=np.float32)
-    return quantized.dequantize()
+        return quantized.dequantize()
+    return quantized.dequantize() * np.float32(binary_scale(manifest.dimension))
+
+
+def stored_vectors(embedding: np.ndarray, manifest: VectorsManifest) -> np.ndarray:
+    """Contiguous float32 ``[n, d]`` of a shard's ``embedding`` column (:func:`read_shard`'s output) as the
+    index and exact search score them: the model's inner product with these."""
+    if manifest.dtype == "binary":
+        if not manifest.normalized:
+            raise ValueError(f"{manifest.model}: binary vectors keep one sign bit per dimension, which estimates the "
+                             "cosine of a model that normalises its embeddings; this model does not (its similarity is "
+                             "the inner product): encode with --dtype float32 or int8")
+        embedding = from_stored(embedding, manifest)
+    return np.ascontiguousarray(embedding, dtype=np.float32)
 
 
 def write_shard(folder: str, index: int, first_row: int, ids: Sequence[str], stored: np.ndarray,

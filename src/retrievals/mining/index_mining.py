@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -16,13 +16,22 @@ from .hard_negatives import PoolDocument, PositiveRule, _as_ids, _as_list, _posi
 
 logger = logging.getLogger(__name__)
 
-TextLookup = Callable[[Sequence[int], Sequence[str]], Dict[int, str]]  # (rows, ids) -> {row: text}
+# (rows, ids) -> {row: stored text (title + " " + body, the title unknown), or a PoolDocument with its title}
+TextLookup = Callable[[Sequence[int], Sequence[str]], Dict[int, Union[str, PoolDocument]]]
 
 
-def _is_banned(doc: PoolDocument, banned: set) -> bool:
-    """The pool rule, plus: a stored text is ``title + " " + body``, so a body-only positive is its suffix."""
+class StoredDocument(PoolDocument):
+    """A document whose text comes from the shards: ``title + " " + body`` joined, the title unknown."""
+
+
+def _is_banned(doc: PoolDocument, banned: set, positives: set) -> bool:
+    """The pool rule (:class:`PositiveRule`); for a stored text, whose title is unknown, a positive that ends it
+    also bans it (it may be the body after a title). The query does not: a document ending with the query's
+    words is no positive (with titles, from ``--candidate_pool``, the pool rule alone decides)."""
+    if PositiveRule.is_banned(doc, banned):
+        return True
     full = normalize_text(doc.full_text)
-    return PositiveRule.is_banned(doc, banned) or any(full.endswith(" " + key) for key in banned if key)
+    return isinstance(doc, StoredDocument) and any(full.endswith(" " + key) for key in positives if key)
 
 
 def mine_from_index(searcher, records: List[Dict[str, Any]], texts_of: TextLookup, query_key: str = "query",
@@ -48,8 +57,7 @@ def mine_from_index(searcher, records: List[Dict[str, Any]], texts_of: TextLooku
     ranked = [[(int(r), float(x)) for r, x in zip(row[start:end], sc[start:end]) if r >= 0] for row, sc in zip(hits, scores)]
     docs = _documents(index, texts_of, {r for row in ranked for r, _ in row})
     bans = [_bans(record, query_key, positive_key, positive_id_key) for record in records]
-    positive_scores = _positive_scores(searcher.model, records, vectors, positive_key, batch_size,
-                                       normalize=index.manifest.normalized_here) \
+    positive_scores = _positive_scores(searcher.model, records, vectors, positive_key, batch_size) \
         if rules.uses_positive_scores else [math.inf] * len(records)
     candidates = []
     for rows, ban, positive_score in zip(ranked, bans, positive_scores):
@@ -64,8 +72,8 @@ def mine_from_index(searcher, records: List[Dict[str, Any]], texts_of: TextLooku
         docs.update(_documents(index, texts_of, {r for rows in extra.values() for r in rows} - set(docs)))
         for i in short:
             taken = bans[i][0] | {normalize_text(d.full_text) for d in chosen[i]}
-            chosen[i] += _pick([docs[r] for r in extra[i]], taken, bans[i][1], negative_number - len(chosen[i]),
-                               random.Random(seed * 1_000_003 + i + 1))
+            chosen[i] += _pick([docs[r] for r in extra[i]], taken, bans[i][1], bans[i][2],
+                               negative_number - len(chosen[i]), random.Random(seed * 1_000_003 + i + 1))
         logger.warning("%d of %d queries had fewer than %d candidates in range %d-%d; back-filled with random "
                        "documents", len(short), len(records), negative_number, start, end)
     counts["backfilled_queries"] = len(short)
@@ -76,28 +84,37 @@ def _documents(index, texts_of: TextLookup, rows: set) -> Dict[int, PoolDocument
     ordered = sorted(rows)
     ids = index.ids_of(ordered)
     texts = texts_of(ordered, ids)
-    return {row: PoolDocument(text=texts[row], doc_id=doc_id) for row, doc_id in zip(ordered, ids)}
+    return {row: _document(texts[row], doc_id) for row, doc_id in zip(ordered, ids)}
 
 
-def _bans(record: Dict[str, Any], query_key: str, positive_key: str, positive_id_key: Optional[str]) -> Tuple[set, set]:
-    """Normalised texts and ids that the record's negatives must not be."""
-    texts = {normalize_text(t) for t in _as_list(record.get(positive_key))} | {normalize_text(record[query_key])}
+def _document(found: Union[str, PoolDocument], doc_id: str) -> PoolDocument:
+    if isinstance(found, PoolDocument):
+        return PoolDocument(text=found.text, title=found.title, doc_id=doc_id)
+    return StoredDocument(text=found, doc_id=doc_id)
+
+
+def _bans(record: Dict[str, Any], query_key: str, positive_key: str,
+          positive_id_key: Optional[str]) -> Tuple[set, set, set]:
+    """Normalised texts and ids that the record's negatives must not be, and its normalised positives."""
+    positives = {normalize_text(t) for t in _as_list(record.get(positive_key))}
     ids = set(_as_ids(record.get(positive_id_key))) if positive_id_key else set()
-    return texts, ids
+    return positives | {normalize_text(record[query_key])}, ids, positives
 
 
-def _allowed(candidates: List[Tuple[PoolDocument, float]], banned: set, banned_ids: set) -> List[Tuple[PoolDocument, float]]:
+def _allowed(candidates: List[Tuple[PoolDocument, float]], banned: set, banned_ids: set,
+             positives: set) -> List[Tuple[PoolDocument, float]]:
     """Candidates in rank order without duplicates, positives or the query."""
     seen, kept = set(), []
     for doc, score in candidates:
         key = normalize_text(doc.full_text)
-        if key in seen or doc.doc_id in banned_ids or _is_banned(doc, banned):
+        if key in seen or doc.doc_id in banned_ids or _is_banned(doc, banned, positives):
             continue
         seen.add(key)
         kept.append((doc, score))
     return kept
 
 
-def _pick(candidates: List[PoolDocument], banned: set, banned_ids: set, count: int, rng: random.Random) -> List[PoolDocument]:
-    kept = [doc for doc, _ in _allowed([(d, 0.0) for d in candidates], banned, banned_ids)]
+def _pick(candidates: List[PoolDocument], banned: set, banned_ids: set, positives: set, count: int,
+          rng: random.Random) -> List[PoolDocument]:
+    kept = [doc for doc, _ in _allowed([(d, 0.0) for d in candidates], banned, banned_ids, positives)]
     return rng.sample(kept, count) if len(kept) > count else kept

@@ -154,14 +154,17 @@ def _pool_id(record: Dict[str, Any], path: str, line_no: int, required: bool) ->
 
 
 def mine_with_index(args: BuildHNArguments, records: List[dict], teacher: Any = None) -> List[dict]:
-    """Search the built index (its model, or ``--model_name_or_path`` checked against it)."""
+    """Search the built index with its model, or ``--model_name_or_path``, loaded with ``--pooling_method`` and
+    the instruction flags when given: a model that did not make the index's vectors is refused, naming both."""
     from ..index.search import Searcher
-    from ..index.texts import stored_texts
     from ..mining.index_mining import mine_from_index
 
-    searcher = Searcher(args.index_dir, model=args.model_name_or_path)
-    if args.candidate_pool:
-        by_id = {doc.doc_id: doc.full_text for doc in read_pool(args.candidate_pool, require_ids=True)}
+    settings = {"pooling_method": args.pooling_method, "query_instruction": unescape(args.query_instruction),
+                "document_instruction": unescape(args.document_instruction)}
+    searcher = Searcher(args.index_dir, model=args.model_name_or_path,
+                        **{k: v for k, v in settings.items() if v is not None})
+    if args.candidate_pool:  # with titles: the pool's positive rule exactly
+        by_id = {doc.doc_id: doc for doc in read_pool(args.candidate_pool, require_ids=True)}
 
         def texts_of(rows, ids):
             missing = [i for i in ids if i not in by_id]
@@ -170,7 +173,7 @@ def mine_with_index(args: BuildHNArguments, records: List[dict], teacher: Any = 
             return {row: by_id[i] for row, i in zip(rows, ids)}
     else:
         def texts_of(rows, ids):
-            return stored_texts(searcher.index.manifest.vectors["folder"], rows)
+            return searcher.texts_of(rows)  # checked against the index's shards
     return mine_from_index(searcher, records, texts_of, query_key=args.query_key, positive_key=args.positive_key,
                            negative_key=args.negative_key, range_for_sampling=parse_range(args.range_for_sampling),
                            negative_number=args.negative_number, seed=args.seed, batch_size=args.batch_size,
