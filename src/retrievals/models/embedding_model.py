@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .embedding_config import EmbeddingConfig, load_saved_settings
-from .loading import ensure_pad_token, hub_file_locator, is_decoder_model, load_backbone, resolve_source, tokenizer_appends_eos
+from .loading import default_settings, ensure_pad_token, hub_file_locator, load_backbone, needs_eos, resolve_source, weights_files
 from .pooling import Pooling
 from .precision import autocast_context, canonical_precision, resolve_precision
 from .similarity import similarity
@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 
 # Tokens per forward batch on CPU: smaller batches of long texts stay in cache (measured ~15% faster).
 DEFAULT_CPU_BATCH_TOKENS = 4096
-DEFAULT_MAX_LENGTH_CAP = 512
 
 
 class AutoModelForEmbedding(nn.Module):
@@ -85,11 +84,11 @@ class AutoModelForEmbedding(nn.Module):
             "max_length": max_length,
             "query_max_length": query_max_length,
         }
-        settings = _default_settings(backbone, tokenizer, saved, explicit)
+        settings = default_settings(backbone, tokenizer, saved, explicit)
         settings.update(saved)
         settings.update({k: v for k, v in explicit.items() if v is not None})
         if "append_eos" not in saved or pooling_method is not None:
-            settings["append_eos"] = _needs_eos(backbone, tokenizer, settings["pooling_method"])
+            settings["append_eos"] = needs_eos(backbone, tokenizer, settings["pooling_method"])
         config = EmbeddingConfig.from_dict(settings, source=path)
         tokenizer.padding_side = config.padding_side
         chosen = precision or ("fp16" if use_fp16 else {True: "bf16", False: "fp32", None: "auto"}[use_bf16])
@@ -99,6 +98,7 @@ class AutoModelForEmbedding(nn.Module):
         if quantization == "int8":
             quantize_int8(model)
         model.quantization = quantization  # bitsandbytes weights stay where device_map put them
+        model.weights_files = weights_files(path, is_local, kwargs)  # what its fingerprint hashes
         return model
 
     def to_device(self, device: Optional[Union[str, torch.device]] = None) -> AutoModelForEmbedding:
@@ -333,25 +333,3 @@ def _document_text(doc: Any, index: int) -> str:
         title = doc.get("title") or ""
         return f"{title} {doc['text']}".strip() if title else doc["text"]
     raise TypeError(f"corpus[{index}] must be a string or a dict with 'text', got {type(doc).__name__}")
-
-
-def _needs_eos(backbone: nn.Module, tokenizer, pooling_method: str) -> bool:
-    """Decoder LLMs pooled on the last token need EOS there; append it unless the tokenizer does."""
-    from .pooling import canonical_pooling_name
-
-    if canonical_pooling_name(pooling_method) != "last" or not is_decoder_model(backbone.config):
-        return False
-    return tokenizer.eos_token_id is not None and not tokenizer_appends_eos(tokenizer)
-
-
-def _default_settings(backbone: nn.Module, tokenizer, saved: Dict[str, Any], explicit: Dict[str, Any]) -> Dict[str, Any]:
-    decoder = is_decoder_model(backbone.config)
-    settings: Dict[str, Any] = {"pooling_method": "last" if decoder else "mean"}
-    if "pooling_method" not in saved and explicit["pooling_method"] is None:
-        logger.warning("No pooling_method given or saved; using %r for this %s model",
-                       settings["pooling_method"], "decoder" if decoder else "encoder")
-    limits = [DEFAULT_MAX_LENGTH_CAP, getattr(backbone.config, "max_position_embeddings", None),
-              getattr(tokenizer, "model_max_length", None)]
-    settings["max_length"] = min(int(x) for x in limits if isinstance(x, (int, float)) and x > 0)
-    settings["padding_side"] = "right"
-    return settings

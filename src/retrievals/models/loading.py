@@ -6,16 +6,18 @@ import glob
 import json
 import logging
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from transformers import AutoModel, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.utils.hub import cached_file
 
 from .embedding_config import FileLocator
+from .pooling import canonical_pooling_name
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MAX_LENGTH_CAP = 512  # max_length of a model that saves none, where its positions allow
 # Keyword arguments that also concern the tokenizer (everything else goes to the model only).
 TOKENIZER_KWARGS = ("gguf_file", "revision", "token", "cache_dir", "local_files_only", "subfolder")
 # Keyword arguments that say where and how to fetch a hub repository's files.
@@ -75,6 +77,26 @@ def check_local_weights(path: str, kwargs: Dict[str, Any]) -> None:
         raise FileNotFoundError(f"{path!r} holds no model weights (*.safetensors)")
 
 
+def weights_files(path: str, is_local: bool, kwargs: Dict[str, Any]) -> List[str]:
+    """The weights files a model at ``path`` is loaded from (what its fingerprint hashes): the GGUF file
+    when one is named, else the folder's ``*.safetensors``, else its ``pytorch_model*.bin`` (also with
+    ``use_safetensors=False``). A hub model's files are those of its snapshot in the HF cache."""
+    folder = path
+    if not is_local:
+        located = hub_file_locator(path, kwargs)("config.json")
+        if not located:
+            return []
+        folder = os.path.dirname(located)
+    elif kwargs.get("subfolder"):
+        folder = os.path.join(path, kwargs["subfolder"])
+    if kwargs.get("gguf_file"):
+        return [os.path.join(folder, kwargs["gguf_file"])]
+    pickles = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
+    if kwargs.get("use_safetensors") is False:
+        return pickles
+    return sorted(glob.glob(os.path.join(folder, "*.safetensors"))) or pickles
+
+
 def has_custom_code(path: str) -> bool:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
@@ -124,6 +146,35 @@ def is_decoder_model(config) -> bool:
     if getattr(config, "is_encoder_decoder", False):
         return False
     return config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def position_limit(config, tokenizer) -> Optional[int]:
+    """The most tokens the model takes: the smaller of its position table (``max_position_embeddings``)
+    and the tokenizer's ``model_max_length``; ``None`` when neither says. The one home of this limit:
+    the default ``max_length`` and the ``embed`` flags' cap both come from it."""
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(x) for x in limits if isinstance(x, (int, float)) and x > 0]
+    return min(limits) if limits else None
+
+
+def default_settings(backbone, tokenizer, saved: Dict[str, Any], explicit: Dict[str, Any]) -> Dict[str, Any]:
+    """Settings of a model with nothing saved or given: pooling by architecture (``last`` for decoders,
+    ``mean`` else), ``max_length`` the model's :func:`position_limit` up to 512."""
+    decoder = is_decoder_model(backbone.config)
+    settings: Dict[str, Any] = {"pooling_method": "last" if decoder else "mean"}
+    if "pooling_method" not in saved and explicit["pooling_method"] is None:
+        logger.warning("No pooling_method given or saved; using %r for this %s model",
+                       settings["pooling_method"], "decoder" if decoder else "encoder")
+    settings["max_length"] = min(DEFAULT_MAX_LENGTH_CAP, position_limit(backbone.config, tokenizer) or DEFAULT_MAX_LENGTH_CAP)
+    settings["padding_side"] = "right"
+    return settings
+
+
+def needs_eos(backbone, tokenizer, pooling_method: str) -> bool:
+    """Decoder LLMs pooled on the last token need EOS there; append it unless the tokenizer does."""
+    if canonical_pooling_name(pooling_method) != "last" or not is_decoder_model(backbone.config):
+        return False
+    return tokenizer.eos_token_id is not None and not tokenizer_appends_eos(tokenizer)
 
 
 def tokenizer_appends_eos(tokenizer) -> bool:
