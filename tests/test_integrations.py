@@ -145,6 +145,109 @@ def test_server_backend_errors_and_urls(server):
     assert len(served.embed_query("cat")) == 8
 
 
+# ------------------------------------------------ a busy server: bounded concurrency, retry with backoff (issue 21, item 8)
+@pytest.fixture(scope="module")
+def busy_server(model):
+    """Room for two requests of 4 texts (beyond: 429 with ``Retry-After: 0``)."""
+    config = ServerConfig(served_model_name="tiny", max_client_batch_size=4, max_queue_items=8, retry_after=0)
+    srv = BackgroundServer(create_app(model, config)).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def overloaded(server) -> int:
+    """429s the server has answered so far (its Prometheus counter)."""
+    import httpx
+
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith('retrievals_request_failures_total{reason="overloaded"}'):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def test_server_adapters_wait_their_turn_at_a_full_server(model, busy_server):
+    """200 texts in 50 requests to a server with room for 2: sent all at once they got 429 "server at capacity";
+    now at most ``max_concurrency`` at a time, a 429 retried after backoff; every vector back, in order."""
+    texts = [f"{a} {b} {c}" for a in WORDS for b in WORDS for c in WORDS[:2]]
+    expected = model.encode_corpus(texts)
+    server = {"base_url": busy_server.url, "batch_size": 4, "backoff": 0.01}
+    langchain = LangChainEmbeddings(**server)
+    check_vectors(asyncio.run(langchain.aembed_documents(texts)), expected, "server")
+    refused = overloaded(busy_server)
+    assert refused > 0  # 4 requests of 4 texts in flight, room for 2: some were refused, then retried
+    llama = LlamaIndexEmbedding(**server)  # LlamaIndex gathers its batches itself: the bound is per adapter
+    check_vectors(asyncio.run(llama.aget_text_embedding_batch(texts)), expected, "server")
+    check_vectors(langchain.embed_documents(texts), expected, "server")  # sync: threads, the same bound
+    assert overloaded(busy_server) > refused
+    with pytest.raises(ValueError, match="max_concurrency must be >= 1"):
+        LangChainEmbeddings(base_url=busy_server.url, max_concurrency=0)
+
+
+def test_server_backend_honours_retry_after_and_gives_up(model, monkeypatch):
+    """A server answering 429 (``Retry-After: 2``) twice, then 503, then 200 for each request: every text comes
+    back in order, equal to local encode; each wait is at least ``Retry-After``, then exponential; never more than
+    ``max_concurrency`` requests in flight; after ``max_retries`` the error names the status and the tries."""
+    import base64
+    import json
+    import threading
+
+    import httpx
+
+    from retrievals.integrations import backend as backend_module
+
+    tries, waits, state = {}, [], {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def answer(request):
+        texts = json.loads(request.content)["input"]
+        with lock:
+            n = tries[texts[0]] = tries.get(texts[0], 0) + 1
+        if n <= 2:
+            return httpx.Response(429, headers={"Retry-After": "2"}, json={"error": {"message": "server at capacity"}})
+        if n == 3:
+            return httpx.Response(503, json={"error": {"message": "warming up"}})
+        vectors = model.encode_corpus(texts)
+        return httpx.Response(200, json={"data": [{"index": i, "embedding": base64.b64encode(v.astype("<f4")).decode()}
+                                                  for i, v in reversed(list(enumerate(vectors)))]})
+
+    async def answer_async(request):
+        state["now"] += 1
+        state["most"] = max(state["most"], state["now"])
+        await asyncio.sleep(0.001)
+        state["now"] -= 1
+        return answer(request)
+
+    async def no_wait(seconds):
+        waits.append(seconds)
+
+    monkeypatch.setattr(backend_module, "_sleep", waits.append)
+    monkeypatch.setattr(backend_module, "_asleep", no_wait)
+    texts = [f"{w} {v}" for w in WORDS for v in WORDS[:3]]  # 30 texts, 10 requests of 3
+    expected = model.encode_corpus(texts)
+    backend = make_backend(base_url="http://server:1", batch_size=3, max_concurrency=2, backoff=0.5,
+                           transport=httpx.MockTransport(answer))
+    check_vectors(backend.embed(texts, is_query=False), expected, "server")
+    assert sorted(tries.values()) == [4] * 10
+    assert sorted(waits) == sorted([2, 2, 2] * 10)  # max(Retry-After 2, 0.5, 1), then 503: 2 x 0.5 x 2 = 2
+    tries.clear(), waits.clear()
+    backend = make_backend(base_url="http://server:1", batch_size=3, max_concurrency=2, backoff=0.5,
+                           transport=httpx.MockTransport(answer_async))
+    check_vectors(asyncio.run(backend.aembed(texts, is_query=False)), expected, "server")
+    assert sorted(tries.values()) == [4] * 10 and sorted(waits) == sorted([2, 2, 2] * 10) and state["most"] == 2
+
+    tries.clear()
+    stubborn = make_backend(base_url="http://server:1", max_retries=1, backoff=5.0,
+                            transport=httpx.MockTransport(lambda r: httpx.Response(429, headers={"Retry-After": "1"})))
+    with pytest.raises(EmbeddingServerError, match=r"answered 429: .*\(after 2 tries\)$"):
+        stubborn.embed(["cat"], is_query=False)
+    assert waits[-1] == 5.0  # backoff beyond Retry-After: the larger wait
+    with pytest.raises(EmbeddingServerError, match="answered 400"):  # not retried
+        make_backend(base_url="http://server:1", transport=httpx.MockTransport(
+            lambda r: httpx.Response(400, json={"error": {"message": "bad"}}))).embed(["cat"], is_query=True)
+
+
 # ---------------------------------------------------------------------- MTEB (an in-memory AbsTaskRetrieval, no hub)
 def word_pairs_dataset() -> BeirDataset:
     """45 two-word documents (some with titles); each query names two words; graded qrels."""

@@ -27,7 +27,9 @@ __all__ = ["LangChainEmbeddings"]
 class LangChainEmbeddings(Embeddings):
     """Embeddings of a :class:`~retrievals.AutoModelForEmbedding` (``model``: loaded or a path, ``load_kwargs``
     go to ``from_pretrained``) or of a ``retrievals serve`` server (``base_url``, ``api_key``, ``model_name``,
-    ``timeout``, ``dimensions``). ``batch_size`` is texts per forward pass, or per request to the server."""
+    ``timeout``, ``dimensions``, ``max_concurrency``, ``max_retries``, ``backoff``: see
+    :class:`~retrievals.integrations.backend.ServerBackend`). ``batch_size`` is texts per forward pass, or per
+    request to the server."""
 
     def __init__(self, model: Any = None, *, base_url: Optional[str] = None, batch_size: int = 32,
                  **kwargs: Any) -> None:

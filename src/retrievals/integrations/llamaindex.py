@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 from . import missing_dependency
-from .backend import make_backend
+from .backend import RETRY_OPTIONS, make_backend
 
 try:
     from llama_index.core.bridge.pydantic import PrivateAttr
@@ -29,7 +29,8 @@ __all__ = ["LlamaIndexEmbedding"]
 
 class LlamaIndexEmbedding(BaseEmbedding):
     """Embeddings of a :class:`~retrievals.AutoModelForEmbedding` (``model``: loaded or a path) or of a
-    ``retrievals serve`` server (``base_url``, ``api_key``, ``served_model_name``, ``timeout``, ``dimensions``).
+    ``retrievals serve`` server (``base_url``, ``api_key``, ``served_model_name``, ``timeout``, ``dimensions``,
+    and :class:`~retrievals.integrations.backend.ServerBackend`'s ``max_concurrency``, ``max_retries``, ``backoff``).
 
     ``batch_size`` is texts per forward pass or per request, and LlamaIndex's ``embed_batch_size``;
     other keyword arguments (``model_name``, ``callback_manager`` ...) go to ``BaseEmbedding``.
@@ -41,6 +42,9 @@ class LlamaIndexEmbedding(BaseEmbedding):
                  api_key: Optional[str] = None, served_model_name: Optional[str] = None, timeout: float = 60.0,
                  dimensions: Optional[int] = None, **kwargs: Any) -> None:
         server = {"api_key": api_key, "model_name": served_model_name, "timeout": timeout, "dimensions": dimensions}
+        server |= {name: kwargs.pop(name) for name in RETRY_OPTIONS if name in kwargs}
+        if base_url is None and server.keys() & set(RETRY_OPTIONS):
+            raise TypeError(f"{sorted(server.keys() & set(RETRY_OPTIONS))} apply to a server (base_url), not a local model")
         backend = make_backend(model, base_url, batch_size=batch_size, **(server if base_url is not None else {}))
         kwargs.setdefault("model_name", backend.name)
         kwargs.setdefault("embed_batch_size", batch_size)
