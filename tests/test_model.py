@@ -213,3 +213,17 @@ def test_forward_matches_encode_and_has_gradients(tiny_bert_dir):
     model.eval()
     torch.testing.assert_close(model(**batch).detach(), model.encode(TEXTS[:2], convert_to_tensor=True), atol=1e-5,
                                rtol=1e-4)
+
+
+def test_one_position_limit_for_the_default_length_and_the_embed_cap(tiny_bert_dir):
+    """``position_limit`` is the one home of the limit: the default max_length (up to 512) and embed's cap."""
+    from types import SimpleNamespace
+
+    from retrievals.models.loading import position_limit
+
+    model = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, pooling_method="mean")
+    assert position_limit(model.model.config, model.tokenizer) == 64 == model.embedding_config.max_length
+    no_limit = SimpleNamespace(model_max_length=int(1e30))
+    assert position_limit(SimpleNamespace(max_position_embeddings=2048), no_limit) == 2048
+    assert position_limit(SimpleNamespace(), SimpleNamespace(model_max_length=128)) == 128
+    assert position_limit(SimpleNamespace(max_position_embeddings=None), SimpleNamespace()) is None

@@ -61,14 +61,12 @@ def load_model(model_args: ModelArguments) -> AutoModelForEmbedding:
 def _cap_lengths(model, model_args: ModelArguments) -> None:
     """An encoder's absolute position embeddings bound its input: flags (defaults included) above that
     limit are lowered to it with a warning, instead of failing deep inside the model on the first long text."""
-    from ..models.loading import is_decoder_model
+    from ..models.loading import is_decoder_model, position_limit
 
     backbone = getattr(model, "model", model)
-    limit = getattr(backbone.config, "max_position_embeddings", None)
-    if not isinstance(limit, int) or is_decoder_model(backbone.config):
+    limit = position_limit(backbone.config, model.tokenizer)
+    if limit is None or is_decoder_model(backbone.config):
         return
-    tokenizer_limit = getattr(model.tokenizer, "model_max_length", None)
-    limit = min(limit, tokenizer_limit) if isinstance(tokenizer_limit, int) and tokenizer_limit > 0 else limit
     cfg = model.embedding_config
     for name in ("max_length", "query_max_length"):
         value = getattr(cfg, name)
