@@ -21,7 +21,7 @@ from retrievals.index import (
     iter_shards,
     search,
 )
-from retrievals.index.corpus import CorpusError, check_unique_ids
+from retrievals.data.corpus import CorpusError, check_unique_ids
 
 WORDS = ("cat dog fish sky sun moon ocean blue red green one two three four five model embedding retrieval "
          "search text long short sentence word token").split()

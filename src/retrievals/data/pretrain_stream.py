@@ -1,7 +1,7 @@
 """A raw corpus as an endless, resumable stream of training pairs (``torch`` ``IterableDataset``).
 
 :class:`PretrainPairs` reads the corpus one document at a time (JSONL, ``.jsonl.gz``, Parquet or a
-folder of them through :class:`~retrievals.index.corpus.CorpusReader`; or plain text, one document per
+folder of them through :class:`~retrievals.data.corpus.CorpusReader`; or plain text, one document per
 line, ``.txt`` / ``.txt.gz``), shuffles it through a bounded buffer, and yields
 :func:`~retrievals.data.pretrain.make_pair` pairs, pass after pass, without end (the Trainer stops at
 ``max_steps``). Memory: the shuffle buffer (``shuffle_buffer`` documents), whatever the corpus size.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from ..index.corpus import CorpusError, CorpusOptions, CorpusReader, CorpusStats
+from .corpus import CorpusError, CorpusOptions, CorpusReader, CorpusStats
 from .pretrain import DEFAULT_BOUNDS, CropBounds, Document, check_strategy, make_pair
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ Engines are optional and imported lazily: the local engine needs nothing more th
 ``engine="ray"`` needs ``retrievals[ray]``.
 """
 
-from .corpus import CorpusOptions, CorpusReader
+from ..data.corpus import CorpusOptions, CorpusReader
 from .encode import encode_to_shards
 from .encode_job import BatchEncoder, EncodeJob
 from .faiss_index import LoadedIndex, build_index

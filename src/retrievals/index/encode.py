@@ -16,7 +16,7 @@ from typing import Any, List, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from .corpus import CorpusReader, check_unique_ids
+from ..data.corpus import CorpusReader, check_unique_ids
 from .encode_job import BatchEncoder, EncodeJob, finish, prepare_manifest
 from .manifest import VectorsManifest
 from .shards import shard_ranges, to_stored, write_shard

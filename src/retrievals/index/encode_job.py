@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from .corpus import CorpusOptions, CorpusReader, fingerprint
+from ..data.corpus import CorpusOptions, CorpusReader, fingerprint
 from .manifest import VectorsManifest, model_fingerprint
 from .shards import DTYPES, verify_shard
 

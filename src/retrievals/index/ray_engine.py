@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 from tqdm.auto import tqdm
 
-from .corpus import CorpusReader
+from ..data.corpus import CorpusReader
 from .encode_job import BatchEncoder, EncodeJob, finish
 from .manifest import ShardInfo, VectorsManifest
 from .search import SearchResult

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..index.corpus import CorpusOptions
+from ..data.corpus import CorpusOptions
 from ..index.encode import encode_to_shards
 from ..index.encode_job import EncodeJob
 from ..index.manifest import VectorsManifest

@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from ..data.jsonl import open_text
+from .jsonl import open_text
 
 logger = logging.getLogger(__name__)
 
