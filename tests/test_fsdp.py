@@ -103,33 +103,70 @@ def test_fsdp_in_one_process_says_it_trains_unsharded(tiny_bert_dir, tmp_path, c
     assert AutoModelForEmbedding.from_pretrained(tmp_path / "out").encode("cat dog").shape == (32,)
 
 
-def _disagreeing_rank(rank, port, result):
+def _disagreeing_rank(rank, result):
     from types import SimpleNamespace
 
     from retrievals.trainer import fsdp
 
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    trainer = SimpleNamespace(model=model, args=SimpleNamespace(device=torch.device("cpu")))
+    fsdp.check_ranks_agree(trainer)  # the same seed: agrees
+    if rank == 1:
+        with torch.no_grad():
+            model[1].weight[0, 0] += 1e-3
+    try:
+        fsdp.check_ranks_agree(trainer)
+        result[f"disagree-{rank}"] = "no error"
+    except RuntimeError as err:
+        result[f"disagree-{rank}"] = str(err)
+
+
+def _sharded_encode_rank(rank, model_dir, result):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from retrievals.trainer.fsdp import ShardedEncoder
+
+    model = AutoModelForEmbedding.from_pretrained(model_dir, pooling_method="mean", precision="fp32")
+    texts = TEXTS + ["one two three", "sky", "the long sentence of five words"]
+    expected = model.encode(texts, batch_size=2), model.encode_queries(texts[:3], batch_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in model.model.encoder.layer:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    encoder = ShardedEncoder(model)
+    # 7 texts in batches of 2: rank 0 runs 2 of the 4 batches, rank 1 the other 2; 3 queries: 2 batches
+    got = encoder.encode_corpus(texts, batch_size=2), encoder.encode_queries(texts[:3], batch_size=2)
+    result[f"encode-{rank}"] = [float(abs(g - e).max()) for g, e in zip(got, expected)] + [got[0].shape]
+
+
+def _two_gloo_ranks(rank, port, model_dir, result):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-        trainer = SimpleNamespace(model=model, args=SimpleNamespace(device=torch.device("cpu")))
-        fsdp.check_ranks_agree(trainer)  # the same seed: agrees
-        if rank == 1:
-            with torch.no_grad():
-                model[1].weight[0, 0] += 1e-3
-        try:
-            fsdp.check_ranks_agree(trainer)
-            result[rank] = "no error"
-        except RuntimeError as err:
-            result[rank] = str(err)
+        _disagreeing_rank(rank, result)
+        _sharded_encode_rank(rank, model_dir, result)
     finally:
         dist.destroy_process_group()
 
 
-def test_fsdp_refuses_ranks_with_different_weights():
-    # fully_shard keeps each rank's slice of its own copy: an unseeded init would train a mix of models
+@pytest.fixture(scope="module")
+def gloo_ranks(tiny_bert_dir):
+    """One ``mp.spawn`` of 2 gloo ranks for the checks below (a spawn costs seconds of imports)."""
     result = mp.Manager().dict()
-    mp.spawn(_disagreeing_rank, args=(free_port(), result), nprocs=2, join=True)
+    mp.spawn(_two_gloo_ranks, args=(free_port(), tiny_bert_dir, result), nprocs=2, join=True)
+    return dict(result)
+
+
+def test_fsdp_refuses_ranks_with_different_weights(gloo_ranks):
+    # fully_shard keeps each rank's slice of its own copy: an unseeded init would train a mix of models
     for rank in (0, 1):
-        assert "ranks hold different weights in 1 parameters (['1.weight']" in result[rank]
+        assert "ranks hold different weights in 1 parameters (['1.weight']" in gloo_ranks[f"disagree-{rank}"]
+
+
+def test_sharded_encoder_equals_encode_with_every_rank_taking_part(gloo_ranks):
+    # the online hard-negative refresh under --fsdp encodes this way (the sharded model cannot encode alone)
+    for rank in (0, 1):
+        got = gloo_ranks[f"encode-{rank}"]
+        assert got[:2] == pytest.approx([0.0, 0.0], abs=1e-6) and got[2] == (7, 32)

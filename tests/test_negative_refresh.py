@@ -134,30 +134,46 @@ def test_embed_flags_refresh_and_refuse_without_a_pool(tiny_bert_dir, tmp_path):
         embed.run_embed(model_args, data_args, args)
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_train_on_the_same_refreshed_negatives(tiny_bert_dir, tmp_path):
+RANK_SCRIPT = (
+    "import json, os, sys\n"
+    "from retrievals.pipelines import embed\n"
+    "from retrievals.data.datasets import RetrievalDataset\n"
+    "seen = []\n"
+    "original = RetrievalDataset.set_negatives\n"
+    "def spy(self, negatives, after_items=0):\n"
+    "    seen.append(negatives)\n"
+    "    return original(self, negatives, after_items)\n"
+    "RetrievalDataset.set_negatives = spy\n"
+    "result = embed.run_embed(*embed.parse_args(sys.argv[1:]))\n"
+    "with open(os.path.join(sys.argv[sys.argv.index('--output_dir') + 1], f\"seen-{os.environ['RANK']}.json\"), 'w') as f:\n"
+    "    json.dump({'seen': seen, 'losses': result['losses']}, f)\n")
+
+
+def two_gloo_ranks(model_dir, tmp_path, out, *extra):
+    """``embed --hn_refresh_steps 2`` for 5 steps on 2 gloo ranks: each rank's refreshed negatives and losses."""
     script = tmp_path / "rank.py"
-    script.write_text(
-        "import json, os, sys\n"
-        "from retrievals.pipelines import embed\n"
-        "from retrievals.data.datasets import RetrievalDataset\n"
-        "seen = []\n"
-        "original = RetrievalDataset.set_negatives\n"
-        "def spy(self, negatives, after_items=0):\n"
-        "    seen.append(negatives)\n"
-        "    return original(self, negatives, after_items)\n"
-        "RetrievalDataset.set_negatives = spy\n"
-        "embed.main(sys.argv[1:])\n"
-        "with open(os.path.join(sys.argv[sys.argv.index('--output_dir') + 1], f\"seen-{os.environ['RANK']}.json\"), 'w') as f:\n"
-        "    json.dump(seen, f)\n")
-    out = tmp_path / "ddp"
+    script.write_text(RANK_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # --standalone: torchrun takes a free port itself (a port picked here could be taken by a parallel test)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(script)] + embed_argv(tiny_bert_dir, tmp_path, out) + ["--ddp_backend", "gloo"]
+           str(script)] + embed_argv(model_dir, tmp_path, out) + ["--ddp_backend", "gloo", "--logging_steps", "1", *extra]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (json.load(open(out / f"seen-{r}.json")) for r in (0, 1))
-    assert len(rank0) == 2 and rank0 == rank1  # both refreshes, identical on both ranks
-    written = [json.loads(line) for line in open(out / REFRESH_DIR / "step-4.jsonl")]
-    assert rank0[-1] == written
+    return [json.load(open(out / f"seen-{r}.json")) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_on_the_same_refreshed_negatives_with_ddp_and_fsdp(tiny_bert_dir, tmp_path):
+    rank0, rank1 = two_gloo_ranks(tiny_bert_dir, tmp_path, tmp_path / "ddp")
+    assert len(rank0["seen"]) == 2 and rank0["seen"] == rank1["seen"]  # both refreshes, identical on both ranks
+    written = [json.loads(line) for line in open(tmp_path / "ddp" / REFRESH_DIR / "step-4.jsonl")]
+    assert rank0["seen"][-1] == written
+    # --fsdp: every rank takes part in the refresh's encode (the sharded weights are gathered in the forward);
+    # the same negatives and the same losses as DDP
+    sharded0, sharded1 = two_gloo_ranks(tiny_bert_dir, tmp_path, tmp_path / "fsdp", "--fsdp", "full_shard")
+    assert sharded0["seen"] == sharded1["seen"] == rank0["seen"]
+    for step in (2, 4):
+        assert (tmp_path / "fsdp" / REFRESH_DIR / f"step-{step}.jsonl").read_text() == \
+            (tmp_path / "ddp" / REFRESH_DIR / f"step-{step}.jsonl").read_text()
+    assert len(sharded0["losses"]) == 5
+    assert sharded0["losses"] == pytest.approx(rank0["losses"], rel=1e-5)

@@ -3,6 +3,8 @@ current weights (the rules of :func:`~.hard_negatives.mine_hard_negatives`, as `
 to the training dataset for the following steps.
 
 - Distributed (torchrun): rank 0 mines and broadcasts the negatives, so every rank trains on the same ones.
+  Under ``--fsdp`` no rank holds the whole model: every rank takes part in the encode
+  (:class:`~retrievals.trainer.fsdp.ShardedEncoder`), and rank 0's negatives are broadcast as before.
 - Resume: each refresh's negatives are written to ``OUTPUT/hn_refresh/step-<S>.jsonl``; a run resumed at step
   G reloads those of the last refresh at or before G, and keeps the previous ones for the one micro-batch
   the data loader had already fetched when that refresh ran (accelerate prefetches one batch), so the
@@ -47,14 +49,18 @@ class NegativeRefreshCallback(TrainerCallback):
         self.ranks: Optional[List[Dict[str, int]]] = None
         self.history: List[Dict[str, Any]] = []
 
-    def mine(self) -> Tuple[List[List[str]], List[Dict[str, int]]]:
-        """``(negatives per dataset row, ranks per row)`` with the model's current weights."""
+    def mine(self, sharded: bool = False) -> Tuple[List[List[str]], List[Dict[str, int]]]:
+        """``(negatives per dataset row, ranks per row)`` with the model's current weights; ``sharded``
+        (FSDP): every rank calls this and takes part in the encode."""
+        from ..trainer.fsdp import ShardedEncoder
+
         records = [{"query": r["query"], "positive": r["positive"]} for r in self.dataset.rows]
         report: Dict[str, Any] = {"ranks": []}
+        encoder = ShardedEncoder(self.model) if sharded else self.model
         was_training = self.model.training
         self.model.eval()
         try:
-            out = mine_hard_negatives(self.model, records, self.pool, range_for_sampling=self.range,
+            out = mine_hard_negatives(encoder, records, self.pool, range_for_sampling=self.range,
                                       negative_number=self.negative_number, seed=self.seed,
                                       batch_size=self.batch_size, false_negatives=self.rules, report=report)
         finally:
@@ -63,8 +69,11 @@ class NegativeRefreshCallback(TrainerCallback):
 
     def refresh(self, args, step: int) -> List[List[str]]:
         started = time.perf_counter()
+        from ..trainer.fsdp import is_sharded
+
         rank, world = _rank_and_world()
-        negatives, ranks = self.mine() if rank == 0 else (None, None)
+        sharded = world > 1 and is_sharded(self.model)  # FSDP: no rank holds the whole model, all encode
+        negatives, ranks = self.mine(sharded) if rank == 0 or sharded else (None, None)
         if world > 1:
             import torch.distributed as dist
 

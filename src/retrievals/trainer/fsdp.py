@@ -209,6 +209,62 @@ def check_ranks_agree(trainer) -> None:
                            "fully_shard would train a mix of them. Seed every random init (--seed) before loading")
 
 
+class ShardedEncoder:
+    """``encode_queries`` / ``encode_corpus`` of a ``fully_shard``-ed :class:`AutoModelForEmbedding`, every rank
+    taking part (what the online hard-negative refresh mines with under ``--fsdp``; every rank must call it
+    with the same texts). The texts' length-sorted batches (those of ``encode``) are dealt to the ranks in turn;
+    each rank runs its batches through the sharded model's forward, where FSDP gathers the weights, so every
+    rank runs the same number of forwards (one out of batches repeats a one-text batch); the rows are then
+    summed across the ranks (each row is filled on one rank only, so the sum is exact). Returns float32
+    arrays, truncated and normalised as ``encode`` does."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def encode_queries(self, texts, batch_size: int = 32, **_: object):
+        return self.encode(list(texts), True, batch_size)
+
+    def encode_corpus(self, texts, batch_size: int = 32, **_: object):
+        return self.encode(list(texts), False, batch_size)
+
+    def encode(self, texts, is_query: bool, batch_size: int):
+        import torch.distributed as dist
+
+        from ..models.embedding_model import DEFAULT_CPU_BATCH_TOKENS, length_sorted_batches
+        from ..models.precision import autocast_context, resolve_precision
+        from ..models.tokenization import check_texts, pad_batch
+
+        model, rank, world = self.model, dist.get_rank(), dist.get_world_size()
+        check_texts(texts)
+        ids = model.tokenize(texts, is_query=is_query)
+        device = model.device
+        out = torch.zeros((len(ids), model.model.config.hidden_size), dtype=torch.float32, device=device)
+        batches = list(length_sorted_batches([len(x) for x in ids], batch_size,
+                                             DEFAULT_CPU_BATCH_TOKENS if device.type == "cpu" else None))
+        own = batches[rank::world]
+        precision = resolve_precision(model.precision, device, owner=model)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), autocast_context(precision, device, model.dtype):
+                for turn in range(-(-len(batches) // world)):
+                    batch = own[turn] if turn < len(own) else batches[0][:1]
+                    inputs = pad_batch([ids[i] for i in batch], model.tokenizer.pad_token_id,
+                                       model.embedding_config.padding_side, device)
+                    embeddings = model(**inputs)  # through FSDP's hooks: the weights are gathered here
+                    if turn < len(own):
+                        out[batch] = embeddings.float()
+        finally:
+            model.train(was_training)
+            if hasattr(model, "reshard"):  # the root FSDP module keeps its weights gathered after a forward
+                model.reshard()
+        step = max(1, (1 << 24) // max(out.shape[1], 1))  # rows per all-reduce: 64 MiB of float32
+        for start in range(0, len(ids), step):
+            dist.all_reduce(out[start:start + step])
+        # forward normalised each row when the model normalises: finalize's truncate-then-normalise is unchanged
+        return model.finalize_embeddings(out.cpu()).numpy()
+
+
 class ShardReport(TrainerCallback):
     """Logs, once training has sharded the model, how many parameter elements each rank holds."""
 
