@@ -238,7 +238,10 @@ def test_relative_paths_when_the_actors_run_elsewhere(model_dir, tmp_path, ray_t
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp, logging_level="WARNING",
              runtime_env={"working_dir": str(tmp_path / "elsewhere")})
     try:
-        actor_cwd = ray.get(ray.remote(lambda: os.getcwd()).remote())  # noqa: PLW0108 - a function Ray can ship
+        def cwd() -> str:  # a nested function: Ray ships it by value
+            return os.getcwd()
+
+        actor_cwd = ray.get(ray.remote(cwd).remote())
         assert os.path.realpath(actor_cwd) != os.path.realpath(tmp_path)
         manifest = encode_to_shards(job("corpus.jsonl", "vec", "model"), engine="ray", num_workers=1,
                                     show_progress=False)
