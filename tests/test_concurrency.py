@@ -20,7 +20,7 @@ import torch
 
 from retrievals import AutoModelForEmbedding
 from retrievals.serving import BackgroundServer, ServerConfig, create_app
-from retrievals.serving import app as app_module
+from retrievals.serving import handling
 
 WORDS = ("the cat dog fish ocean sky blue red green sun moon protein female eat summit define hello world model "
          "embedding retrieval search text long short sentence word token one two three four five").split()
@@ -122,11 +122,11 @@ def test_server_answers_each_request_with_its_own_truncation(model, race_window)
     """Big document requests are tokenized on worker threads while query requests are tokenized on the
     event loop; each response must still be ``encode`` / ``encode_queries`` of its own inputs."""
     rng = np.random.default_rng(3)
-    per_text = app_module.INLINE_TOKENIZE_CHARS // 3 + 500
+    per_text = handling.INLINE_TOKENIZE_CHARS // 3 + 500
     documents = [[(words(rng, 4000) + " ")[:per_text] for _ in range(3)] for _ in range(40)]
     queries = [[(words(rng, 4000) + " ")[:per_text] for _ in range(2)] for _ in range(40)]
-    assert sum(len(t) for t in documents[0]) > app_module.INLINE_TOKENIZE_CHARS  # on a worker thread
-    assert sum(len(t) for t in queries[0]) <= app_module.INLINE_TOKENIZE_CHARS  # on the event loop
+    assert sum(len(t) for t in documents[0]) > handling.INLINE_TOKENIZE_CHARS  # on a worker thread
+    assert sum(len(t) for t in queries[0]) <= handling.INLINE_TOKENIZE_CHARS  # on the event loop
     requests = [({"input": d}, d, False) for d in documents] + \
                [({"input": q, "input_type": "query"}, q, True) for q in queries]
     requests = [requests[i] for i in rng.permutation(len(requests))]

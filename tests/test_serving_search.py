@@ -163,6 +163,59 @@ def test_long_query_is_truncated_like_embeddings(server, model, corpus):
     assert [hit["id"] for hit in body["data"][0]["results"]] == expected.ids[0]
 
 
+# ---------------------------------------------------------------------- bounded responses
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
+
+
+@pytest.fixture(scope="module")
+def long_texts(model_dir, tmp_path_factory):
+    """200 documents of ~1 KB each, text kept, in a flat index."""
+    root = tmp_path_factory.mktemp("long_texts")
+    rng = np.random.default_rng(5)
+    path = root / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"_id": f"long{i}", "text": " ".join(rng.choice(WORDS, 180))}) + "\n"
+                            for i in range(200)))
+    encode_to_shards(EncodeJob(corpus=str(path), output_dir=str(root / "vec"), model_name_or_path=model_dir,
+                               precision="fp32", store_text=True), show_progress=False)
+    build_index(str(root / "vec"), str(root / "idx"))
+    return str(root / "idx")
+
+
+def test_search_responses_are_bounded_and_memory_stays_flat(model, long_texts):
+    """The review's request (256 queries x top_k 1000 with return_text) returned 401 MB; now each request is
+    bounded by queries x top_k and by the response's bytes, with the limit named, and memory stays flat."""
+    many = {"query": [f"{w} ocean" for w in WORDS][:25] * 10, "top_k": 1000, "return_text": True}  # 250 x 1000
+    big = {"query": QUERIES * 10, "top_k": 200, "return_text": True}  # 8,000 hits, ~8 MB of text
+    with start(model, long_texts, max_client_batch_size=256, max_response_bytes=200_000) as srv, \
+            httpx.Client(timeout=120) as client:
+        ok = client.post(srv.url + "/v1/search", json={"query": QUERIES[:2], "top_k": 20, "return_text": True})
+        assert ok.status_code == 200 and 40_000 < len(ok.content) <= 200_000
+        assert len([hit["text"] for d in ok.json()["data"] for hit in d["results"]]) == 40
+        for body in (many, big):  # warm-up
+            client.post(srv.url + "/v1/search", json=body)
+        before = rss_mb()
+        with cf.ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda body: client.post(srv.url + "/v1/search", json=body), [many, big] * 8))
+        grown = rss_mb() - before
+        limits = httpx.get(srv.url + "/v1/models").json()["data"][0]
+    print(f"RSS grew {grown:.1f} MB over 16 concurrent over-limit searches")
+    assert grown < 200
+    for response, body in zip(responses, [many, big] * 8):
+        error = response.json()["error"]
+        if body is many:
+            assert response.status_code == 422, response.text[:200]
+            assert error["message"].startswith("250 queries x top_k 1000 = 250000 results; the maximum per request "
+                                               "is 10000 (max_search_results)")
+            assert (error["param"], error["code"]) == ("top_k", "too_many_results")
+        else:
+            assert response.status_code == 413, response.text[:200]
+            assert error["message"].startswith("the response would exceed 200000 bytes (max_response_bytes)")
+            assert error["code"] == "response_too_large"
+    assert (limits["max_search_results"], limits["max_response_bytes"]) == (10000, 200_000)
+
+
 # ---------------------------------------------------------------------- auth, info, metrics, no index
 def test_api_key_guards_search(model, corpus):
     with start(model, corpus["plain"], api_key="s3cret") as srv:
@@ -234,14 +287,17 @@ def test_cli_serves_the_index_with_nprobe(model_dir, model, corpus, monkeypatch)
 
     monkeypatch.setattr(retrievals.serving, "serve", fake_serve)
     code = main([model_dir, "--index_dir", corpus["ivf"], "--nprobe", "2", "--precision", "fp32",
-                 "--port", str(free_port()), "--max_top_k", "20"])
+                 "--port", str(free_port()), "--max_top_k", "20", "--max_search_results", "60",
+                 "--max_response_bytes", "1500"])
     assert code == 0 and len(apps) == 1
     state = apps[0].state.server
-    assert state.config.max_top_k == 20
+    assert (state.config.max_top_k, state.config.max_search_results, state.config.max_response_bytes) == (20, 60, 1500)
     assert (state.index_info["type"], state.index_info["nlist"], state.index_info["nprobe"]) == ("ivf", 2, 2)
     with BackgroundServer(apps[0]) as srv:
         body = post(srv, query=QUERIES, top_k=5).json()
         assert post(srv, query="cat", top_k=21).status_code == 422
+        assert "(max_search_results)" in post(srv, query=QUERIES, top_k=16).json()["error"]["message"]
+        assert "(max_response_bytes)" in post(srv, query=QUERIES, top_k=15).json()["error"]["message"]
     expected = Searcher(corpus["ivf"], model, nprobe=2).search(QUERIES, 5)
     assert [[hit["id"] for hit in d["results"]] for d in body["data"]] == expected.ids
 

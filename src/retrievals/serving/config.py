@@ -36,12 +36,16 @@ class ServerConfig:
     health_timeout: float = field(default=10.0, metadata={"help": "Seconds /health waits for the model"})
     retry_after: int = field(default=1, metadata={"help": "Retry-After seconds sent with 429"})
     max_top_k: int = field(default=1000, metadata={"help": "Largest `top_k` of /v1/search (more: 422)"})
+    max_search_results: int = field(default=10000, metadata={
+        "help": "Hits per /v1/search request: queries x top_k (more: 422)"})
+    max_response_bytes: int = field(default=32 * 1024 * 1024, metadata={
+        "help": "Size of a /v1/search response, stored text included (more: 413)"})
     cors_origins: List[str] = field(default_factory=list, metadata={"help": "Origins allowed by CORS (off by default)"})
 
     def check(self, max_input_length: int) -> None:
         """Raise ``ValueError`` for settings that could never serve a valid request."""
         positive = ("max_client_batch_size", "max_body_bytes", "max_batch_tokens", "max_batch_size", "max_queue_items",
-                    "max_top_k")
+                    "max_top_k", "max_search_results", "max_response_bytes")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
