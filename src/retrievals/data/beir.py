@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
+from .corpus import CorpusOptions, CorpusReader
 from .jsonl import iter_jsonl, open_text, require_str
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ class BeirDataset:
     corpus: Dict[str, Dict[str, str]]  # doc id -> {"title", "text"}
     queries: Dict[str, str]  # query id -> text (only those with qrels in the split)
     qrels: Dict[str, Dict[str, int]]  # query id -> {doc id: relevance}
+    empty_documents: int = 0  # documents with no title and no text (skipped, or embedded as "")
 
     def corpus_ids(self) -> List[str]:
         return list(self.corpus)
@@ -39,18 +41,13 @@ def _find(data_dir: str, stem: str) -> str:
     raise FileNotFoundError(f"{os.path.join(data_dir, stem)} not found (BEIR layout expected)")
 
 
-def load_corpus(path: str) -> Dict[str, Dict[str, str]]:
-    corpus: Dict[str, Dict[str, str]] = {}
-    for line_no, rec in iter_jsonl(path):
-        doc_id = str(rec.get("_id", ""))
-        if not doc_id:
-            raise ValueError(f"{path}:{line_no}: missing field '_id'")
-        text = require_str(rec, "text", path, line_no, allow_empty=True)
-        title = rec.get("title") or ""
-        if not text.strip() and not str(title).strip():
-            raise ValueError(f"{path}:{line_no}: document {doc_id!r} has empty 'title' and 'text'")
-        corpus[doc_id] = {"title": str(title), "text": text}
-    return corpus
+def read_corpus(path: str, empty_documents: str = "skip") -> Tuple[Dict[str, Dict[str, str]], int]:
+    """``({doc id: {"title", "text"}}, number of empty documents)`` through the package's one corpus reader
+    (:class:`~retrievals.data.corpus.CorpusReader`): its field checks, and its ``empty_documents`` policy."""
+    reader = CorpusReader(path, CorpusOptions(empty_documents=empty_documents))
+    corpus = {row.id: {"title": row.title, "text": row.body} for row in reader}
+    reader.stats.report(path)
+    return corpus, reader.stats.empty
 
 
 def load_qrels(path: str) -> Dict[str, Dict[str, int]]:
@@ -72,13 +69,14 @@ def load_qrels(path: str) -> Dict[str, Dict[str, int]]:
     return qrels
 
 
-def load_beir(data_dir: str, split: str = "test", with_corpus: bool = True) -> BeirDataset:
+def load_beir(data_dir: str, split: str = "test", with_corpus: bool = True, empty_documents: str = "skip") -> BeirDataset:
     """Load a BEIR folder; ``queries`` keeps only the queries judged in ``split``. ``with_corpus=False``
-    leaves the corpus out (searching a built index needs only queries and qrels)."""
+    leaves the corpus out (searching a built index needs only queries and qrels). Empty documents are
+    skipped with a logged count, embedded as ``""`` or refused (``empty_documents``: skip, embed, error)."""
     if not os.path.isdir(data_dir):
         name = os.path.basename(os.path.normpath(data_dir)) or "scifact"
         raise FileNotFoundError(f"Data folder {data_dir!r} does not exist. " + BEIR_DOWNLOAD_HINT.format(name=name))
-    corpus = load_corpus(_find(data_dir, "corpus.jsonl")) if with_corpus else {}
+    corpus, empty = read_corpus(_find(data_dir, "corpus.jsonl"), empty_documents) if with_corpus else ({}, 0)
     qrels = load_qrels(_find(os.path.join(data_dir, "qrels"), f"{split}.tsv"))
     queries_path = _find(data_dir, "queries.jsonl")
     queries = {}
@@ -90,4 +88,4 @@ def load_beir(data_dir: str, split: str = "test", with_corpus: bool = True) -> B
     if missing:
         raise ValueError(f"{queries_path}: {len(missing)} judged queries missing, e.g. {sorted(missing)[:3]}")
     logger.info("Loaded %s: %d documents, %d %s queries", data_dir, len(corpus), len(queries), split)
-    return BeirDataset(corpus=corpus, queries=queries, qrels=qrels)
+    return BeirDataset(corpus=corpus, queries=queries, qrels=qrels, empty_documents=empty)

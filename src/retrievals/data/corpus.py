@@ -1,9 +1,11 @@
-"""Streaming a corpus of any size: JSONL (``.gz``), Parquet, or a folder of them, one record at a time.
+"""Reading a corpus of any size: JSONL (``.gz``), Parquet, or a folder of them, one record at a time.
 
-Nothing here holds the corpus: :class:`CorpusReader` yields ``(row, id, text)`` in file order, with a
-policy for bad records (raise naming ``file:line``, or count and skip) and for empty documents
-(skip with a count, or embed). :func:`check_unique_ids` is one pass over the ids that keeps 8 bytes
-per row (a 64-bit hash), the only per-row state of the whole encode.
+The one corpus reader of the package: the BEIR loader (``eval``, ``finetune_beir``, ``embed``), ``build_hn``'s
+candidate pool, the encode job and the pre-training stream all read documents through :class:`CorpusReader`.
+Nothing here holds the corpus: it yields ``(row, id, text)`` in file order, with a policy for bad records
+(raise naming ``file:line``, or count and skip) and one for empty documents (``skip`` with a logged count,
+``embed``, or ``error`` naming ``file:line``). :func:`check_unique_ids` is one pass over the ids that keeps
+8 bytes per row (a 64-bit hash), the only per-row state of the whole encode.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from .jsonl import open_text
 logger = logging.getLogger(__name__)
 
 CORPUS_EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet")
-EMPTY_POLICIES = ("skip", "embed")
+EMPTY_POLICIES = ("skip", "embed", "error")
+EMPTY_DOCUMENTS_HELP = ("Documents with no title and no text: skip (the default; counted in the log), embed (as an "
+                        "empty text) or error (refused, naming file:line)")
 
 
 class CorpusError(ValueError):
@@ -38,6 +42,11 @@ class CorpusRow:
     origin: str  # "file:line"
     title: str = ""  # the title alone ("" when none); ``text`` starts with it
 
+    @property
+    def body(self) -> str:
+        """The text without the title."""
+        return self.text[len(self.title):].lstrip() if self.title else self.text
+
 
 @dataclass
 class CorpusOptions:
@@ -48,6 +57,7 @@ class CorpusOptions:
     title_key: Optional[str] = "title"
     skip_invalid: bool = False
     empty_documents: str = "skip"
+    id_required: bool = True  # False: a record without an id is read with id ""
 
     def __post_init__(self) -> None:
         if self.empty_documents not in EMPTY_POLICIES:
@@ -130,7 +140,9 @@ class CorpusReader:
         o = self.options
         doc_id = record.get(o.id_key)
         if doc_id is None or (isinstance(doc_id, str) and not doc_id.strip()):
-            raise CorpusError(f"{origin}: missing field {o.id_key!r}")
+            if o.id_required:
+                raise CorpusError(f"{origin}: missing field {o.id_key!r}")
+            doc_id = ""
         if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
             raise CorpusError(f"{origin}: field {o.id_key!r} must be a string or an integer, got {type(doc_id).__name__}")
         text = record.get(o.text_key, "")
@@ -140,6 +152,10 @@ class CorpusReader:
                 raise CorpusError(f"{origin}: field {key!r} must be a string, got {type(value).__name__}")
         text, title = (text or "").strip(), (title or "").strip()
         return str(doc_id), f"{title} {text}".strip() if title else text, title
+
+    def _empty_message(self, origin: str, doc_id: str) -> str:
+        fields = " and ".join(repr(k) for k in (self.options.title_key, self.options.text_key) if k)
+        return f"{origin}: document {doc_id!r} has empty {fields} (--empty_documents skip leaves such documents out)"
 
     def __iter__(self) -> Iterator[CorpusRow]:
         self.stats = stats = CorpusStats()
@@ -156,6 +172,8 @@ class CorpusReader:
                     stats.skipped.append({"origin": origin, "reason": str(e)})
                     continue
                 if not text:
+                    if self.options.empty_documents == "error":
+                        raise CorpusError(self._empty_message(origin, doc_id))
                     stats.empty += 1
                     if self.options.empty_documents == "skip":
                         stats.skipped.append({"id": doc_id, "origin": origin, "reason": "empty"})

@@ -52,7 +52,7 @@ class DocumentReader:
             yield from self._text_lines()
             return
         for row in self._reader:
-            yield Document(row.title, row.text[len(row.title):].strip() if row.title else row.text)
+            yield Document(row.title, row.body)
         self.stats = self._reader.stats
 
     def _text_lines(self) -> Iterator[Document]:

@@ -29,7 +29,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..data.jsonl import iter_jsonl, require_str
+from ..data.corpus import EMPTY_DOCUMENTS_HELP, CorpusOptions, CorpusReader
+from ..data.jsonl import iter_jsonl
 from ..data.records import InvalidRecord, text_field, text_list_field
 from ..mining.false_negatives import FalseNegativeFilter
 from ..mining.hard_negatives import PoolDocument, mine_hard_negatives, parse_range
@@ -81,6 +82,7 @@ class BuildHNArguments:
     teacher_threshold: Optional[float] = field(default=None, metadata={
         "help": "False-negative rule: drop candidates the teacher (--teacher_model_name_or_path) scores as relevant: "
                 "cross-encoder probability sigmoid(score) (bi-encoder: cosine) at or above this, e.g. 0.5"})
+    empty_documents: str = field(default="skip", metadata={"help": "Of --candidate_pool: " + EMPTY_DOCUMENTS_HELP})
     index_dir: Optional[str] = field(default=None, metadata={
         "help": "Mine from this index (retrievals.pipelines.index) instead of encoding a pool; texts come from the "
                 "shards (encoded with --store_text) or from --candidate_pool (by _id)"})
@@ -130,27 +132,15 @@ def id_list_field(record: Dict[str, Any], key: str, origin: str) -> List[str]:
     return [str(item) for item in items]
 
 
-def read_pool(path: str, require_ids: bool = False) -> List[PoolDocument]:
-    """The candidate pool's documents; ``_id`` (a string or an integer) is required with ``require_ids``."""
-    docs = []
-    for line_no, record in iter_jsonl(path):
-        text = require_str(record, "text", path, line_no)
-        title = record.get("title")
-        if title is not None and not isinstance(title, str):
-            raise ValueError(f"{path}:{line_no}: field 'title' must be a string, got {type(title).__name__}")
-        docs.append(PoolDocument(text=text, title=title or "", doc_id=_pool_id(record, path, line_no, require_ids)))
+def read_pool(path: str, require_ids: bool = False, empty_documents: str = "skip") -> List[PoolDocument]:
+    """The candidate pool's documents, read by the package's corpus reader (``.jsonl``, ``.jsonl.gz``,
+    ``.parquet`` or a folder; empty documents per ``empty_documents``); ``_id`` (a string or an integer) is
+    required with ``require_ids``."""
+    reader = CorpusReader(path, CorpusOptions(id_required=require_ids, empty_documents=empty_documents))
+    docs = [PoolDocument(text=row.body or row.text, title=row.title if row.body else "", doc_id=row.id or None)
+            for row in reader]
+    reader.stats.report(path)
     return docs
-
-
-def _pool_id(record: Dict[str, Any], path: str, line_no: int, required: bool) -> Optional[str]:
-    doc_id = record.get("_id")
-    if doc_id is None or doc_id == "":
-        if required:
-            raise ValueError(f"{path}:{line_no}: missing field '_id' (needed by --positive_id_key)")
-        return None
-    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
-        raise ValueError(f"{path}:{line_no}: field '_id' must be a string or an integer, got {type(doc_id).__name__}")
-    return str(doc_id)
 
 
 def mine_with_index(args: BuildHNArguments, records: List[dict], teacher: Any = None) -> List[dict]:
@@ -164,7 +154,7 @@ def mine_with_index(args: BuildHNArguments, records: List[dict], teacher: Any = 
     searcher = Searcher(args.index_dir, model=args.model_name_or_path,
                         **{k: v for k, v in settings.items() if v is not None})
     if args.candidate_pool:  # with titles: the pool's positive rule exactly
-        by_id = {doc.doc_id: doc for doc in read_pool(args.candidate_pool, require_ids=True)}
+        by_id = {doc.doc_id: doc for doc in read_pool(args.candidate_pool, True, args.empty_documents)}
 
         def texts_of(rows, ids):
             missing = [i for i in ids if i not in by_id]
@@ -185,7 +175,7 @@ def mine(args: BuildHNArguments, records: List[dict], teacher: Any = None) -> Li
     if args.index_dir:
         return mine_with_index(args, records, teacher)
     value_range = parse_range(args.range_for_sampling)
-    pool = read_pool(args.candidate_pool, require_ids=bool(args.positive_id_key)) if args.candidate_pool else None
+    pool = read_pool(args.candidate_pool, bool(args.positive_id_key), args.empty_documents) if args.candidate_pool else None
     model = AutoModelForEmbedding.from_pretrained(args.model_name_or_path, pooling_method=args.pooling_method,
                                                   query_instruction=unescape(args.query_instruction),
                                                   document_instruction=unescape(args.document_instruction))

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..data.corpus import CorpusOptions
+from ..data.corpus import EMPTY_DOCUMENTS_HELP, CorpusOptions
 from ..index.encode import encode_to_shards
 from ..index.encode_job import EncodeJob
 from ..index.manifest import VectorsManifest
@@ -42,8 +42,8 @@ class EncodeArguments:
     text_key: str = field(default="text")
     title_key: Optional[str] = field(default="title", metadata={"help": "Prepended to the text when present"})
     skip_invalid: bool = field(default=False, metadata={"help": "Skip (and count) malformed records instead of failing"})
-    empty_documents: str = field(default="skip", metadata={
-        "help": "Documents with no title and no text: skip (counted, listed in skipped.jsonl) or embed"})
+    empty_documents: str = field(default="skip", metadata={"help": EMPTY_DOCUMENTS_HELP + "; skipped ones are "
+                                                                   "listed in skipped.jsonl"})
 
 
 def run_encode(args: EncodeArguments) -> VectorsManifest:

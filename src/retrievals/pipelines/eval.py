@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..data.beir import load_beir
+from ..data.corpus import EMPTY_DOCUMENTS_HELP
 from ..data.sts import load_sts
 from ..evaluation.retrieval import evaluate_dims, evaluate_retrieval
 from ..evaluation.sts import evaluate_sts
@@ -44,6 +45,7 @@ class EvalArguments:
     exact_search: bool = field(default=False, metadata={
         "help": "With --index_dir: exact search over the index's stored vectors, shard by shard"})
     nprobe: Optional[int] = field(default=None, metadata={"help": "With an IVF index: lists probed per query"})
+    empty_documents: str = field(default="skip", metadata={"help": EMPTY_DOCUMENTS_HELP})
 
 
 def run_eval(args: EvalArguments) -> Dict[str, float]:
@@ -51,7 +53,8 @@ def run_eval(args: EvalArguments) -> Dict[str, float]:
     if not args.data_dir and not args.sts_file:
         raise ValueError("Pass --data_dir (BEIR retrieval) or --sts_file (STS)")
     start = time.perf_counter()
-    data = load_beir(args.data_dir, args.split, with_corpus=not args.index_dir) if args.data_dir else None
+    data = load_beir(args.data_dir, args.split, with_corpus=not args.index_dir,
+                     empty_documents=args.empty_documents) if args.data_dir else None
     pairs = load_sts(args.sts_file) if args.sts_file else None
     model = AutoModelForEmbedding.from_pretrained(
         args.model_name_or_path, pooling_method=args.pooling_method, max_length=args.max_length,

@@ -16,8 +16,9 @@ from typing import Any, Dict, List, Optional
 
 from transformers import TrainingArguments
 
-from ..data.beir import load_beir
+from ..data.beir import BeirDataset, load_beir
 from ..data.collators import RetrievalCollator
+from ..data.corpus import EMPTY_DOCUMENTS_HELP
 from ..data.datasets import RetrievalDataset
 from ..evaluation.retrieval import evaluate_retrieval
 from ..losses import InfoNCE
@@ -50,6 +51,7 @@ class FinetuneArguments:
         "help": "Rounds of (mine with the current model -> train -> evaluate); round r > 1 mines with round r-1's model"})
     round_start: str = field(default="continue", metadata={
         "help": "Weights each round > 1 trains from: 'continue' (the previous round's) or 'base'"})
+    empty_documents: str = field(default="skip", metadata={"help": EMPTY_DOCUMENTS_HELP})
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -62,9 +64,10 @@ def run_finetune(args: FinetuneArguments) -> Dict[str, Any]:
     """Base eval, then ``rounds`` x (mine with the current model -> train -> eval); returns every round's
     metrics, timings and losses. Each round's negatives and model are kept in ``output_dir/round-<r>``
     (with one round, the model is saved in ``output_dir`` only)."""
-    test, train = load_beir(args.data_dir, "test"), load_beir(args.data_dir, "train")
-    if len(train.qrels) < args.batch_size:  # before any encoding: the trainer would only say "max_steps must be set"
-        raise ValueError(f"{args.data_dir}: {len(train.qrels)} training queries are fewer than one batch "
+    test, train = (load_beir(args.data_dir, split, empty_documents=args.empty_documents) for split in ("test", "train"))
+    records = training_records(train)
+    if len(records) < args.batch_size:  # before any encoding: the trainer would only say "max_steps must be set"
+        raise ValueError(f"{args.data_dir}: {len(records)} training queries are fewer than one batch "
                          f"(--batch_size {args.batch_size}, the last partial batch is dropped); lower --batch_size")
     model = load_base(args)
     timings: Dict[str, float] = {}
@@ -73,9 +76,6 @@ def run_finetune(args: FinetuneArguments) -> Dict[str, Any]:
     corpus_emb = model.encode_corpus(texts, show_progress_bar=True)
     base = evaluate_retrieval(model, test, corpus_embeddings=corpus_emb).metrics
     timings["evaluate base"] = time.perf_counter() - start
-    by_id = dict(zip(train.corpus_ids(), train.corpus_texts()))
-    records = [{"query": train.queries[q], "positive": [by_id[d] for d, r in rels.items() if r > 0]}
-               for q, rels in train.qrels.items()]
     rounds, losses, offset = [], [], 0
     for r in range(1, args.rounds + 1):
         suffix = f" (round {r})" if args.rounds > 1 else ""
@@ -106,6 +106,23 @@ def run_finetune(args: FinetuneArguments) -> Dict[str, Any]:
         model.save_pretrained(args.output_dir)
     return {"base": base, "fine_tuned": rounds[-1]["metrics"], "rounds": rounds, "seconds": timings, "losses": losses,
             "args": asdict(args)}
+
+
+def training_records(train: BeirDataset) -> List[Dict[str, Any]]:
+    """``{query, positive}`` per judged training query. Positives are the judged documents of the corpus (an
+    empty document skipped while loading is not one); a query left with none is left out, with a count."""
+    by_id = dict(zip(train.corpus_ids(), train.corpus_texts()))
+    records, without = [], 0
+    for q, rels in train.qrels.items():
+        positives = [by_id[d] for d, r in rels.items() if r > 0 and d in by_id]
+        if positives:
+            records.append({"query": train.queries[q], "positive": positives})
+        else:
+            without += 1
+    if without:
+        logger.warning("%d training queries have no judged positive in the corpus (empty documents are not read); "
+                       "left out", without)
+    return records
 
 
 def load_base(args: FinetuneArguments) -> AutoModelForEmbedding:

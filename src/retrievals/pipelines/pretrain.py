@@ -20,9 +20,9 @@ from typing import Any, Dict, List, Optional
 from transformers.trainer_utils import set_seed
 
 from ..data.collators import PairCollator
+from ..data.corpus import CorpusOptions
 from ..data.pretrain import CropBounds, check_strategy
 from ..data.pretrain_stream import PretrainPairs, StreamPositionCallback, is_plain_text, scan_corpus
-from ..data.corpus import CorpusOptions
 from ..trainer import RetrievalTrainer
 from .arguments import EmbedTrainingArguments, ModelArguments, PretrainArguments
 from .cli import run_cli
