@@ -76,6 +76,37 @@ def test_saved_cross_encoder_loads_in_sentence_transformers_with_equal_scores(ti
     assert np.ptp(ours) > 1e-2  # the scores differ between pairs, so equality means something
 
 
+def test_saved_max_length_is_reloaded_by_from_pretrained_and_load_teacher(tiny_bert_dir, tmp_path):
+    """``rerank --max_length 8`` saves 8 as the tokenizer's length (sentence-transformers truncates there): our
+    loaders used 512 and scored the same pair differently. An explicit ``max_length`` still overrides."""
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+
+    from retrievals.mining.teacher import load_teacher
+
+    torch.manual_seed(0)
+    cross = CrossEncoder.from_encoder(tiny_bert_dir, max_length=8)
+    torch.nn.init.normal_(cross.model.classifier.weight, std=10.0)
+    cross.save_pretrained(str(tmp_path / "ce"))
+    pairs = [(q, f"{d} and the long text of one two three four five words") for q in QUERIES[:3] for d in POOL[:4]]
+    before = cross.predict(pairs)
+    assert np.abs(before - cross.predict(pairs, max_length=64)).max() > 1e-2  # truncation at 8 changes the scores
+    theirs = STCrossEncoder(str(tmp_path / "ce"), device="cpu").predict(pairs, activation_fn=torch.nn.Identity(),
+                                                                      convert_to_numpy=True)
+    np.testing.assert_allclose(theirs, before, atol=1e-4)
+    for loaded in (CrossEncoder.from_pretrained(str(tmp_path / "ce")), load_teacher(str(tmp_path / "ce"))):
+        assert loaded.max_length == 8
+        np.testing.assert_allclose(loaded.predict(pairs), before, atol=1e-6)
+    explicit = CrossEncoder.from_pretrained(str(tmp_path / "ce"), max_length=64)
+    assert explicit.max_length == 64 and load_teacher(str(tmp_path / "ce"), max_length=64).max_length == 64
+    np.testing.assert_allclose(explicit.predict(pairs), cross.predict(pairs, max_length=64), atol=1e-6)
+    # a tokenizer without a length of its own (transformers' 1e30 placeholder) keeps the 512 default
+    tokenizer_config = tmp_path / "ce" / "tokenizer_config.json"
+    config = json.loads(tokenizer_config.read_text())
+    config.pop("model_max_length")
+    tokenizer_config.write_text(json.dumps(config))
+    assert CrossEncoder.from_pretrained(str(tmp_path / "ce")).max_length == 512
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["listwise", "binary"])
 def test_training_lowers_the_loss_and_ranks_better(minilm_dir, tmp_path, loss):

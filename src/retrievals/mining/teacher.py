@@ -45,10 +45,10 @@ def is_cross_encoder(model_name_or_path: Union[str, os.PathLike]) -> bool:
 def load_teacher(model_name_or_path: Union[str, os.PathLike], max_length: Optional[int] = None,
                  device: Optional[str] = None, trust_remote_code: bool = False, **kwargs: Any) -> Teacher:
     """A :class:`CrossEncoder` for sequence-classification checkpoints, else an ``AutoModelForEmbedding``
-    (with its saved pooling, instructions and normalisation). ``max_length`` overrides the default
-    (cross-encoder: 512 tokens per pair; bi-encoder: its saved document max length)."""
+    (with its saved pooling, instructions and normalisation). ``max_length`` overrides the saved length
+    (cross-encoder: per pair, its tokenizer's, else 512; bi-encoder: its saved document max length)."""
     if is_cross_encoder(model_name_or_path):
-        teacher: Teacher = CrossEncoder.from_pretrained(model_name_or_path, max_length=max_length or 512, device=device,
+        teacher: Teacher = CrossEncoder.from_pretrained(model_name_or_path, max_length=max_length, device=device,
                                                         trust_remote_code=trust_remote_code, **kwargs)
     else:
         teacher = AutoModelForEmbedding.from_pretrained(model_name_or_path, max_length=max_length, device=device,

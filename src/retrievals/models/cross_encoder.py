@@ -23,6 +23,8 @@ from .loading import TOKENIZER_KWARGS, check_local_weights, ensure_pad_token, ha
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MAX_LENGTH = 512  # tokens per pair when neither the caller nor the saved tokenizer gives a length
+
 
 def tokenize_pairs(tokenizer, pairs: Sequence[Tuple[str, str]], max_length: int) -> List[Dict[str, List[int]]]:
     """Token ids of each ``(query, document)`` pair, truncated to ``max_length`` (longest side first): the
@@ -34,6 +36,20 @@ def tokenize_pairs(tokenizer, pairs: Sequence[Tuple[str, str]], max_length: int)
     return [{k: encoded[k][i] for k in encoded.keys()} for i in range(len(pairs))]
 
 
+def saved_max_length(tokenizer, config) -> int:
+    """The length a saved cross-encoder truncates pairs at: its tokenizer's ``model_max_length`` (what
+    :meth:`CrossEncoder.save_pretrained` writes and sentence-transformers' ``CrossEncoder`` honours), within
+    the model's position embeddings; :data:`DEFAULT_MAX_LENGTH` when the tokenizer has none (transformers'
+    1e30 placeholder)."""
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+    saved = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(saved, int) or not 0 < saved < VERY_LARGE_INTEGER:
+        return DEFAULT_MAX_LENGTH
+    positions = getattr(config, "max_position_embeddings", None)
+    return min(saved, positions) if isinstance(positions, int) and positions > 0 else saved
+
+
 def pair_scores(logits: torch.Tensor) -> torch.Tensor:
     """One relevance score per row of classifier logits: the logit (1 label) or ``logit[1] - logit[0]``."""
     return logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]
@@ -42,7 +58,7 @@ def pair_scores(logits: torch.Tensor) -> torch.Tensor:
 class CrossEncoder:
     """``CrossEncoder.from_pretrained(path).predict([(query, document), ...]) -> np.ndarray [n]``."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int = 512) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int = DEFAULT_MAX_LENGTH) -> None:
         num_labels = int(getattr(model.config, "num_labels", 1))
         if num_labels not in (1, 2):
             raise ValueError(f"a cross-encoder teacher needs 1 or 2 output labels (a relevance score), got {num_labels}")
@@ -52,10 +68,11 @@ class CrossEncoder:
         self.num_labels = num_labels
 
     @classmethod
-    def from_pretrained(cls, model_name_or_path: Union[str, os.PathLike], max_length: int = 512,
+    def from_pretrained(cls, model_name_or_path: Union[str, os.PathLike], max_length: Optional[int] = None,
                         device: Optional[Union[str, torch.device]] = None, trust_remote_code: bool = False,
                         **kwargs: Any) -> CrossEncoder:
-        """Load a sequence-classification model and its tokenizer; extra ``kwargs`` go to transformers."""
+        """Load a sequence-classification model and its tokenizer; extra ``kwargs`` go to transformers.
+        ``max_length`` (tokens per pair): default the saved one (:func:`saved_max_length`)."""
         path, is_local = resolve_source(str(model_name_or_path), kwargs)
         if kwargs.get("gguf_file"):
             raise ValueError(f"{model_name_or_path!r}: GGUF files are not supported for cross-encoders")
@@ -76,10 +93,10 @@ class CrossEncoder:
         if tokenizer.pad_token_id is not None and model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers find the last token by it
         model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-        return cls(model, tokenizer, max_length=max_length)
+        return cls(model, tokenizer, max_length=max_length or saved_max_length(tokenizer, model.config))
 
     @classmethod
-    def from_encoder(cls, model_name_or_path: Union[str, os.PathLike], max_length: int = 512,
+    def from_encoder(cls, model_name_or_path: Union[str, os.PathLike], max_length: Optional[int] = None,
                      trust_remote_code: bool = False, **kwargs: Any) -> CrossEncoder:
         """A cross-encoder to train: the encoder's weights plus a new one-label classification head."""
         kwargs.setdefault("num_labels", 1)

@@ -36,6 +36,7 @@ from .cli import run_cli
 
 logger = logging.getLogger(__name__)
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
+NEW_HEAD_MAX_LENGTH = 256  # --max_length of a cross-encoder started from an encoder
 
 
 @dataclass
@@ -49,7 +50,8 @@ class RerankArguments:
     negative_key: str = field(default="negative")
     train_group_size: int = field(default=8, metadata={"help": "1 positive + (n-1) sampled negatives per query"})
     loss: str = field(default="listwise", metadata={"help": f"One of {', '.join(CROSS_ENCODER_LOSSES)}"})
-    max_length: int = field(default=256, metadata={"help": "Tokens per (query, document) pair"})
+    max_length: Optional[int] = field(default=None, metadata={
+        "help": "Tokens per (query, document) pair (default: a cross-encoder's saved length; 256 from an encoder)"})
     eval_data_dir: Optional[str] = field(default=None, metadata={"help": "BEIR folder: re-rank the dense top-k"})
     eval_split: str = field(default="test")
     dense_model_name_or_path: Optional[str] = field(default=None, metadata={
@@ -69,7 +71,7 @@ class RerankArguments:
 def load_cross_encoder(args: RerankArguments) -> CrossEncoder:
     if is_cross_encoder(args.model_name_or_path):
         return CrossEncoder.from_pretrained(args.model_name_or_path, max_length=args.max_length)
-    return CrossEncoder.from_encoder(args.model_name_or_path, max_length=args.max_length)
+    return CrossEncoder.from_encoder(args.model_name_or_path, max_length=args.max_length or NEW_HEAD_MAX_LENGTH)
 
 
 def train_cross_encoder(args: RerankArguments, training_args: TrainingArguments) -> Tuple[CrossEncoder, List[float]]:
@@ -79,7 +81,7 @@ def train_cross_encoder(args: RerankArguments, training_args: TrainingArguments)
                                negative_key=args.negative_key, train_group_size=args.train_group_size,
                                skip_invalid=args.skip_invalid, seed=training_args.seed)
     trainer = CrossEncoderTrainer(model=cross.model, args=training_args, train_dataset=dataset,
-                                  data_collator=CrossEncoderCollator(cross.tokenizer, args.max_length), loss=args.loss)
+                                  data_collator=CrossEncoderCollator(cross.tokenizer, cross.max_length), loss=args.loss)
     result = trainer.train()
     cross.model.eval()
     if trainer.is_world_process_zero():
