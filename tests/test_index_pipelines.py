@@ -109,3 +109,33 @@ def test_build_hn_from_the_index_equals_mining_the_pool(built, tmp_path):
                           "--negative_number", "4", "--index_dir", idx, "--output_file", str(tmp_path / "bf.jsonl")]) == 0
     for record in map(json.loads, open(tmp_path / "bf.jsonl")):
         assert len(set(record["negative"])) == 4 and not any(n.endswith(record["positive"][0]) for n in record["negative"])
+
+
+def test_build_hn_index_uses_pooling_and_instruction_flags(built, tmp_path, capsys):
+    """--pooling_method / instructions with --index_dir were ignored: now the model is loaded with them and,
+    not being the model that made the vectors, refused naming both fingerprints."""
+    from retrievals.pipelines import build_hn
+
+    model_dir, beir, vec, idx = built
+    (tmp_path / "train.jsonl").write_text(json.dumps({"query": "cat", "positive": ["the cat"]}) + "\n")
+    common = ["--input_file", str(tmp_path / "train.jsonl"), "--index_dir", idx, "--range_for_sampling", "0-6",
+              "--negative_number", "2", "--output_file", str(tmp_path / "hn.jsonl")]
+    for flags in (["--pooling_method", "cls"], ["--document_instruction", "passage: "]):
+        assert build_hn.main(common + flags) == 2
+        assert "the model given is" in capsys.readouterr().err
+    assert build_hn.main(common + ["--pooling_method", "mean"]) == 0  # the saved pooling: the same model
+
+
+def test_index_mining_does_not_ban_documents_ending_with_the_query(built, tmp_path):
+    """Stored texts are title + body; a body-only positive may end one, but a document ending with the query's
+    words is no positive (it was banned: "blue the blue" for the query "blue"; the pool keeps it)."""
+    from retrievals.index.search import Searcher
+    from retrievals.mining.index_mining import mine_from_index
+
+    model_dir, beir, vec, idx = built
+    searcher = Searcher(idx)
+    records = [{"query": "blue", "positive": ["the cat"]}]
+    out = mine_from_index(searcher, records, lambda rows, ids: searcher.texts_of(rows), range_for_sampling=(0, 10),
+                          negative_number=9)
+    assert "blue the blue" in out[0]["negative"] and "cat the cat" not in out[0]["negative"]
+    assert len(out[0]["negative"]) == 9
