@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from retrievals import AutoModelForEmbedding
+from retrievals.data.corpus import CorpusError, check_unique_ids
 from retrievals.evaluation.search import exact_search
 from retrievals.index import (
     CorpusOptions,
@@ -21,7 +22,6 @@ from retrievals.index import (
     iter_shards,
     search,
 )
-from retrievals.data.corpus import CorpusError, check_unique_ids
 
 WORDS = ("cat dog fish sky sun moon ocean blue red green one two three four five model embedding retrieval "
          "search text long short sentence word token").split()

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from retrievals.data.corpus import CorpusError
 from retrievals.data.pretrain import CropBounds, Document, crop_length, make_pair, random_crop, word_spans
 from retrievals.data.pretrain_stream import DocumentReader, PretrainPairs, scan_corpus
-from retrievals.data.corpus import CorpusError
 from retrievals.pipelines import pretrain
 
 VOCAB = ("cat dog fish sky sun moon ocean blue red green protein female eat summit hello world "
