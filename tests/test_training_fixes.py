@@ -98,6 +98,8 @@ def test_resumed_run_draws_what_the_uninterrupted_run_drew(tiny_bert_dir, tmp_pa
     full = run(tmp_path / "a")  # 2 steps per epoch, 6 in all; checkpoint-3 is mid-epoch 2
     resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-3"))
     assert len(full) == 6 and resumed == full[3:]
+    state = json.loads((tmp_path / "a" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["CheckpointRanks"] == {"args": {}, "attributes": {"world_size": 1}}
 
 
 # ---------------------------------------------------------------- item 10: short lists
@@ -267,22 +269,77 @@ def test_triplet_collator_tokens_ids_and_errors(tiny_bert_dir):
         collator([items[0], {"query": "x", "positive": "y", "negative": ["z"]}])
 
 
+def fabricated_checkpoint(folder, *files, ranks=None):
+    """A ``checkpoint-N`` holding ``files``; ``ranks``: the saving processes as this version records them in
+    trainer_state.json (None: an older version's file, or none when trainer_state.json is not in ``files``)."""
+    folder.mkdir()
+    for name in files:
+        (folder / name).write_text('{"global_step": 1}' if name == "trainer_state.json" else "x")
+    if ranks is not None:
+        state = {"global_step": 1, "stateful_callbacks": {"CheckpointRanks": {"args": {}, "attributes": {"world_size": ranks}}}}
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+
+
 def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path, caplog):
     from retrievals.trainer.checkpoints import last_complete_checkpoint
 
-    def checkpoint(step, *files):
-        folder = tmp_path / f"checkpoint-{step}"
-        folder.mkdir()
-        for name in files:
-            (folder / name).write_text("x")
-
-    checkpoint(2, "model.safetensors", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json")
-    checkpoint(4, "model.safetensors", "rng_state_0.pth", "trainer_state.json")  # rank 1 never wrote its RNG
-    checkpoint(10, "model.safetensors")  # killed after the weights
+    fabricated_checkpoint(tmp_path / "checkpoint-2", "model.safetensors", "rng_state_0.pth", "rng_state_1.pth",
+                          "trainer_state.json")
+    # rank 1 never wrote its RNG (rank 0 writes the trainer state after its own RNG, not after the others')
+    fabricated_checkpoint(tmp_path / "checkpoint-4", "model.safetensors", "rng_state_0.pth", "trainer_state.json")
+    fabricated_checkpoint(tmp_path / "checkpoint-10", "model.safetensors")  # killed after the weights
     (tmp_path / "checkpoint-12").write_text("a file, not a checkpoint")
-    assert last_complete_checkpoint(str(tmp_path), world_size=1).endswith("checkpoint-4")
     with caplog.at_level("WARNING"):
-        assert last_complete_checkpoint(str(tmp_path), world_size=2).endswith("checkpoint-2")
+        assert last_complete_checkpoint(str(tmp_path)).endswith("checkpoint-2")
     assert "checkpoint-10: incomplete (no trainer_state.json)" in caplog.text
     assert "checkpoint-4: incomplete (no rng_state_1.pth)" in caplog.text
     assert last_complete_checkpoint(str(tmp_path / "checkpoint-10")) is None
+
+
+def test_checkpoint_completeness_does_not_depend_on_the_resuming_world_size(tmp_path, caplog):
+    """Issue 21 item 11: a 2-rank job resumed on 4 ranks refused every complete checkpoint as "incomplete (no
+    rng_state_2.pth)". Complete is what the saving run wrote; a changed world size resumes with a warning."""
+    from retrievals.trainer.checkpoints import last_complete_checkpoint, missing_files
+
+    fabricated_checkpoint(tmp_path / "checkpoint-2", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json")
+    fabricated_checkpoint(tmp_path / "checkpoint-4", "rng_state_0.pth", "rng_state_1.pth", ranks=2)
+    fabricated_checkpoint(tmp_path / "checkpoint-6", "rng_state_0.pth", "rng_state_1.pth", ranks=3)  # rank 2's: cut off
+    for world_size in (1, 2, 4):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert last_complete_checkpoint(str(tmp_path), world_size=world_size).endswith("checkpoint-4")
+        assert "checkpoint-6: incomplete (no rng_state_2.pth)" in caplog.text
+        assert ("was saved by 2 processes" in caplog.text) == (world_size != 2)
+    assert "this run has 4: the RNG states of ranks 0-1 are restored, ranks 2-3 have none" in caplog.text
+    assert missing_files(str(tmp_path / "checkpoint-2")) == []  # an older version's 2-rank checkpoint
+    fabricated_checkpoint(tmp_path / "checkpoint-8", "rng_state.pth", ranks=1)  # one process
+    fabricated_checkpoint(tmp_path / "checkpoint-9", "model.safetensors", ranks=2)  # --save_only_model: no RNG
+    assert missing_files(str(tmp_path / "checkpoint-8")) == missing_files(str(tmp_path / "checkpoint-9")) == []
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert last_complete_checkpoint(str(tmp_path), world_size=2).endswith("checkpoint-9")
+    assert caplog.text == ""  # no RNG states saved: nothing to restore, nothing to warn about
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text('{"global_step": ')  # cut off mid-write
+    assert missing_files(str(tmp_path / "checkpoint-10")) == ["trainer_state.json (unreadable)"]
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_on_two_ranks(tiny_bert_dir, tmp_path):
+    from retrievals.trainer.checkpoints import missing_files
+    from test_fsdp import torchrun
+    from test_pipelines import common_flags, write_pairs
+
+    data = write_pairs(tmp_path / "train.jsonl", with_negatives=False)
+    out = tmp_path / "out"
+    flags = common_flags(tmp_path, tiny_bert_dir, data)
+    flags[flags.index("--save_strategy") + 1] = "steps"
+    assert embed.main(flags + ["--max_steps", "2", "--save_steps", "2", "--overwrite_output_dir"]) == 0
+    log = torchrun(tiny_bert_dir, data, out, overwrite=False)  # 2 ranks, to step 4, a checkpoint every 2
+    assert f"Resuming from {out / 'checkpoint-2'}" in log
+    assert "checkpoint-2 was saved by 1 process and this run has 2: no rank restores an RNG state" in log
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["CheckpointRanks"]["attributes"] == {"world_size": 2}
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
+    assert missing_files(str(out / "checkpoint-4")) == []
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(out / "checkpoint-4"))

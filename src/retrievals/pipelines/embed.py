@@ -27,7 +27,7 @@ from ..losses.matryoshka import parse_dims
 from ..models.embedding_model import AutoModelForEmbedding
 from ..models.multi_vector import MultiVectorModel
 from ..trainer import RetrievalTrainer
-from ..trainer.checkpoints import last_complete_checkpoint
+from ..trainer.checkpoints import last_complete_checkpoint, warn_if_world_size_changed
 from .arguments import DataArguments, EmbedTrainingArguments, ModelArguments
 from .cli import run_cli
 from .multi_vector import evaluate_multi_vector, maxsim_loss_kwargs, wrap_multi_vector
@@ -154,6 +154,7 @@ def _first_record_has(source: str, key: str) -> bool:
 def check_output_dir(args: EmbedTrainingArguments) -> Optional[str]:
     """The checkpoint to resume from, if any; refuse a non-empty output dir without permission."""
     if args.resume_from_checkpoint:
+        warn_if_world_size_changed(args.resume_from_checkpoint, args.world_size)
         return args.resume_from_checkpoint
     if not args.do_train or not os.path.isdir(args.output_dir) or not os.listdir(args.output_dir):
         return None

@@ -22,6 +22,7 @@ from ..losses.simcse import inputs_to_embed
 from ..losses.utils import LOSS_EXTRAS, SIDES
 from . import fsdp
 from .callbacks import EpochSamplingCallback, LossGradientCallback
+from .checkpoints import CheckpointRanks
 from .param_groups import describe_groups, layerwise_param_groups
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class RetrievalTrainer(Trainer):
         fsdp.check_fsdp_loss(self)
         if self.is_fsdp_enabled:
             self.add_callback(fsdp.ShardReport())
+        self.add_callback(CheckpointRanks())  # completeness of a checkpoint is judged by the ranks that saved it
         if hasattr(self.train_dataset, "set_epoch"):
             if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
                 logger.warning("persistent dataloader workers keep their own copy of the dataset: sampled "
