@@ -19,8 +19,7 @@ import pytest
 import torch
 
 from retrievals import AutoModelForEmbedding
-from retrievals.serving import BackgroundServer, ServerConfig, create_app
-from retrievals.serving import handling
+from retrievals.serving import BackgroundServer, ServerConfig, create_app, handling
 
 WORDS = ("the cat dog fish ocean sky blue red green sun moon protein female eat summit define hello world model "
          "embedding retrieval search text long short sentence word token one two three four five").split()

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
+from processes import running
 from retrievals import AutoModelForEmbedding
 from test_serving_cli import RETRIEVALS, free_port
 
@@ -243,3 +244,59 @@ def test_serve_workers_on_a_taken_port_fail_before_loading(tiny_bert_dir):
                                 capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "worker 0 started" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def serve_exit(args, timeout=120):
+    """``(exit status, output)`` of ``retrievals serve ARGS``; ``None`` if it still runs after ``timeout`` s
+    (then it is stopped, workers included)."""
+    with running([RETRIEVALS, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None, ""
+    return proc.returncode, output
+
+
+@pytest.mark.slow
+def test_a_second_server_on_a_workers_port_fails_before_loading(tiny_bert_dir, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "first.log", "w") as log, running(
+            [RETRIEVALS, "serve", tiny_bert_dir, "--port", str(port), "--workers", "2"], stdout=log,
+            stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1")) as first:
+        wait_healthy(url, first)
+        pids = {httpx.get(url + "/info", timeout=10).json()["pid"] for _ in range(30)}
+        assert len(pids) == 2
+        for extra in (("--workers", "2"), ()):
+            code, output = serve_exit([tiny_bert_dir, "--port", str(port), *extra], timeout=60)
+            assert code == 2, output
+            assert output.strip().splitlines()[-1] == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+            assert "worker 0 started" not in output and "Loading weights" not in output  # before any model loads
+        assert {httpx.get(url + "/info", timeout=10).json()["pid"] for _ in range(30)} == pids  # the first serves on
+        assert first.poll() is None
+
+
+@pytest.fixture(scope="module")
+def nan_model_dir(tiny_bert_dir, tmp_path_factory):
+    """A saved model whose weights are NaN: it loads, but fails the server's warm-up check."""
+    import torch
+    from transformers import BertModel
+
+    path = str(tmp_path_factory.mktemp("nan_bert"))
+    model = BertModel.from_pretrained(tiny_bert_dir)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.fill_(float("nan"))
+    model.save_pretrained(path)
+    AutoModelForEmbedding.from_pretrained(tiny_bert_dir).tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_model_failing_the_warm_up_exits_with_status_3(nan_model_dir, workers):
+    code, output = serve_exit([nan_model_dir, "--port", str(free_port()), "--workers", str(workers)], timeout=90)
+    assert code == 3, output[-3000:]
+    assert "model returned non-finite values" in output
+    assert "restarting" not in output
+    if workers > 1:
+        assert re.match(r"error: worker [01] failed to start \(exit status 3\)", output.strip().splitlines()[-1])

@@ -134,3 +134,40 @@ def test_int8_model_is_served_like_its_encode(tiny_bert_dir):
         response = httpx.post(srv.url + "/v1/embeddings", json={"input": texts}, timeout=30)
         got = np.array([d["embedding"] for d in response.json()["data"]])
     np.testing.assert_allclose(got, int8.encode(texts), atol=1e-5)
+
+
+def test_one_server_per_port_whatever_its_kind():
+    """A ``--workers`` parent's reservation refuses every other server, even before its workers listen; its own
+    ``SO_REUSEPORT`` workers join it; a single-process server refuses a ``--workers`` one."""
+    from retrievals.serving.server import bind_socket, reserve_port
+
+    def refused(open_socket):
+        with pytest.raises(OSError, match=r"cannot listen on 127\.0\.0\.1:\d+: Address already in use"):
+            open_socket().close()
+
+    reservation = reserve_port("127.0.0.1", 0)
+    port = reservation.getsockname()[1]
+    others = (lambda: reserve_port("127.0.0.1", port), lambda: bind_socket("127.0.0.1", port))
+    workers = []
+    try:
+        for other in others:  # while the workers load their model
+            refused(other)
+        workers = [bind_socket("127.0.0.1", port, reuse_port=True) for _ in range(2)]
+        for other in others:
+            refused(other)
+        reservation.close()
+        for other in others:  # the workers alone
+            refused(other)
+    finally:
+        for sock in [reservation, *workers]:
+            sock.close()
+    with bind_socket("127.0.0.1", 0) as single:
+        port = single.getsockname()[1]
+        refused(lambda: reserve_port("127.0.0.1", port))
+        # a restart right after a single-process server is not refused by its connections in TIME_WAIT
+        client = socket.create_connection(single.getsockname())
+        accepted, _ = single.accept()
+        accepted.close()  # the server closes first: TIME_WAIT on the server's port
+        time.sleep(0.1)
+        client.close()
+    reserve_port("127.0.0.1", port).close()

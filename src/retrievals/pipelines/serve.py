@@ -68,11 +68,16 @@ def run_serve(args: ServeArguments, config) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         logger.warning("serving on %s without an API key: anyone who can reach the port can use it", args.host)
     if args.workers != 1:  # serve_workers refuses fewer than 1
-        from ..serving.workers import serve_workers
+        from ..serving.workers import WorkerStartError, serve_workers
 
-        if serve_workers(partial(build_app, args, config), args.host, args.port, args.workers,
-                         log_level=args.log_level) != 0:
-            raise ValueError("a worker failed (its error is above); the server stopped")
+        try:
+            status = serve_workers(partial(build_app, args, config), args.host, args.port, args.workers,
+                                   log_level=args.log_level)
+        except WorkerStartError as e:  # exit as that worker did (3: the warm-up failed, as without --workers)
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(e.status) from None
+        if status != 0:
+            raise ValueError("a worker did not stop within the graceful timeout; the server stopped")
         return
     sock = bind_socket(args.host, args.port)
     try:

@@ -2,6 +2,14 @@
 
 ``serve(app, host, port)`` blocks (SIGINT/SIGTERM stop accepting, finish in-flight requests, exit);
 ``BackgroundServer`` runs the same server on a thread, for tests and benchmarks.
+
+A port is taken by one server only. A single-process server listens at once (``SO_REUSEADDR``, as every
+server does, so that a restart is not refused by the last connections' TIME_WAIT). ``--workers`` servers
+(:mod:`.workers`) listen with one ``SO_REUSEPORT`` socket per worker, and Linux lets any process of the same
+user join such a port; so :func:`reserve_port` first check-binds the port without ``SO_REUSEPORT`` (refused
+while any server listens on it, or while another ``--workers`` parent holds it), then holds it for the
+server's life with a socket that sets ``SO_REUSEPORT`` but not ``SO_REUSEADDR``: the workers can join it,
+while it refuses every later check-bind (and a single-process server's bind) even before the workers listen.
 """
 
 from __future__ import annotations
@@ -11,23 +19,47 @@ import signal
 import socket
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import uvicorn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["bind_socket", "serve", "BackgroundServer"]
+__all__ = ["bind_socket", "reserve_port", "serve", "BackgroundServer"]
 
 
 def bind_socket(host: str = "127.0.0.1", port: int = 8000, reuse_port: bool = False,
                 listen: bool = True) -> socket.socket:
     """A listening TCP socket; ``OSError`` with a one-line reason if the address can't be used.
     ``reuse_port``: several processes bind the same port and the kernel spreads new connections over
-    their sockets (``SO_REUSEPORT``); ``listen=False`` only reserves the address."""
+    their sockets (``SO_REUSEPORT``); ``listen=False`` only binds."""
+    sock = _bound(host, port, reuse_addr=True, reuse_port=reuse_port)
+    if not listen:
+        return sock
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Hold ``host:port`` for the ``SO_REUSEPORT`` workers of one server (a bound socket that never listens);
+    ``OSError`` naming the address when another server, of either kind, holds it or listens on it."""
+    if port:
+        _bound(host, port, reuse_addr=True, reuse_port=False).close()  # the check-bind
+    try:
+        return _bound(host, port, reuse_addr=False, reuse_port=True)
+    except OSError:
+        # The check passed, so only TIME_WAIT connections of an earlier single-process server are left on the
+        # port (they refuse a socket without SO_REUSEADDR for a minute): hold it as the workers will.
+        logger.info("port %d has connections in TIME_WAIT; reserving it with SO_REUSEADDR", port)
+        return _bound(host, port, reuse_addr=True, reuse_port=True)
+
+
+def _bound(host: str, port: int, reuse_addr: bool, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_addr:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
@@ -35,10 +67,6 @@ def bind_socket(host: str = "127.0.0.1", port: int = 8000, reuse_port: bool = Fa
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    if not listen:
-        return sock
-    sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 
@@ -47,11 +75,27 @@ def _uvicorn_config(app, log_level: str, graceful_timeout: float) -> uvicorn.Con
                           lifespan="on", server_header=False)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, calling ``on_started()`` once the app's start-up (the warm-up check) has passed
+    and the server accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Optional[Callable[[], None]] = None) -> None:
+        super().__init__(config)
+        self.on_started = on_started
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)  # a failed app start-up exits with status 3 (uvicorn's)
+        if self.started and self.on_started is not None:
+            self.on_started()
+
+
 def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-          graceful_timeout: float = 30.0, sock: Optional[socket.socket] = None) -> None:
-    """Serve ``app`` until interrupted. Binding happens before anything else starts."""
+          graceful_timeout: float = 30.0, sock: Optional[socket.socket] = None,
+          on_started: Optional[Callable[[], None]] = None) -> None:
+    """Serve ``app`` until interrupted. Binding happens before anything else starts; ``on_started()`` is
+    called once the app has started (warm-up passed). A failed start-up exits with status 3."""
     sock = sock or bind_socket(host, port)
-    server = uvicorn.Server(_uvicorn_config(app, log_level, graceful_timeout))
+    server = _Server(_uvicorn_config(app, log_level, graceful_timeout), on_started)
     # uvicorn finishes in-flight requests on SIGINT/SIGTERM, then re-raises the signal to the handler
     # it found; with this one in place, a graceful stop returns normally (exit status 0).
     previous = {}

@@ -1,0 +1,65 @@
+"""Processes started by tests: each in its own process group, stopped with all its children (server workers,
+torchrun ranks, Ray daemons) when the ``with`` block ends, however it ends (a failed assertion included).
+
+    with running([RETRIEVALS, "serve", model_dir, "--workers", "2"], stdout=log) as proc:
+        ...                                  # proc is a subprocess.Popen
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from typing import Iterator, List, Sequence
+
+
+def group_pids(pgid: int) -> List[int]:
+    """Live (not zombie) processes of process group ``pgid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            found.append(int(entry))
+    return found
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session=True``), SIGKILL what is left
+    after ``grace`` seconds, and reap ``proc``."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader, so that it no longer counts
+            if not group_pids(proc.pid):
+                break
+            time.sleep(0.05)
+        else:
+            continue
+        break
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def running(args: Sequence[str], grace: float = 10.0, **popen_kwargs) -> Iterator[subprocess.Popen]:
+    """``subprocess.Popen(args, **popen_kwargs)`` in a new session; its whole group is stopped on exit."""
+    proc = subprocess.Popen(list(args), start_new_session=True, **popen_kwargs)
+    try:
+        yield proc
+    finally:
+        stop_group(proc, grace)
