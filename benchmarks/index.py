@@ -50,7 +50,7 @@ def sample_queries(folder: str, count: int, seed: int = 1) -> np.ndarray:
     from retrievals.index.faiss_index import _training_sample
 
     manifest = VectorsManifest.load(folder)
-    noisy = _training_sample(folder, manifest, count, False, seed)
+    noisy = _training_sample(folder, manifest, count, seed)
     noisy += np.random.default_rng(seed).normal(0, 0.05, noisy.shape).astype(np.float32)
     return noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
 
