@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -38,19 +39,37 @@ def free_port() -> int:
 def start_server(model_dir: str, port: int, extra: List[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "retrievals.pipelines.serve", model_dir, "--port", str(port), "--log_level", "warning",
            "--served_model_name", "bench", *extra]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not become healthy")
+    # its own process group: stop_server takes its workers down with it, whatever happens here
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            time.sleep(0.5)
+        raise RuntimeError("server did not become healthy")
+    except BaseException:
+        stop_server(proc)
+        raise
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains and exits), then SIGKILL for whatever is left of its process group."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 async def client(port: int, texts: List[str], offset: int, stop_at: float, latencies: List[float],
@@ -145,8 +164,7 @@ def main() -> None:
                     result["mean_batch"] = after["mean_batch"]
                     result["model_busy"] = (after["model_seconds"] - before["model_seconds"]) / (args.seconds + args.warmup)
             finally:
-                proc.terminate()
-                proc.wait(timeout=60)
+                stop_server(proc)
             results[mode].append(result)
             print(f"round {round_ + 1} {mode:>12}: {result['requests_per_s']:7.1f} req/s  p50 {result['p50_ms']:6.1f} ms"
                   f"  p99 {result['p99_ms']:6.1f} ms  mean batch {result['mean_batch']:5.1f}  model busy "

@@ -26,6 +26,7 @@ import urllib.request
 from typing import Callable, Dict, Iterator, List, Optional
 
 from docs_blocks import REPO, Block
+from processes import run, stop_group
 
 # placeholder written in the docs -> what the scratch folder holds under that name
 PLACEHOLDERS: Dict[str, str] = {
@@ -199,7 +200,8 @@ def run_main(argv: List[str]) -> int:
 
 
 class Server:
-    """A server command line started in the background; ``wait`` for /health, ``stop`` with SIGTERM."""
+    """A server command line started in the background, in its own process group; ``wait`` for /health,
+    ``stop`` with SIGTERM (then the rest of its group, its workers, is stopped too)."""
 
     def __init__(self, line: str, cwd: str, log: str, port: Optional[int] = None):
         env, argv = command(line)
@@ -212,7 +214,7 @@ class Server:
         self.log_path, self.line = log, shlex.join(argv)
         with open(log, "wb") as out:
             self.proc = subprocess.Popen([shutil.which(argv[0], path=env["PATH"]), *argv[1:]], cwd=cwd, env=env,
-                                         stdout=out, stderr=subprocess.STDOUT)
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait(self, timeout: float = 300) -> Server:
         deadline = time.monotonic() + timeout
@@ -232,18 +234,21 @@ class Server:
             return f.read()[-4000:]
 
     def stop(self) -> int:
+        """The server's exit status after SIGTERM (or SIGKILL if it did not stop within 60 s); nothing of its
+        process group is left running afterwards."""
         self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(60)
+            self.proc.wait(60)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+            pass
+        stop_group(self.proc)
+        return self.proc.returncode
 
 
 @contextlib.contextmanager
 def case_servers(block: Block, cwd: str, port: int) -> Iterator[None]:
     """The ``server`` directives of a case's first block, running while the case's blocks run."""
-    servers = []
+    servers: List[Server] = []
     try:
         for i, args in enumerate(block.args("server")):
             line = PORT_8000.sub(lambda m: m.group(1) + str(port), shlex.join(args))
@@ -283,16 +288,8 @@ def run_block(block: Block, cwd: str, port: int, timeout: int) -> None:
 
 
 def run_shell(args: List[str], cwd: str, env: Dict[str, str], timeout: int) -> subprocess.CompletedProcess:
-    """Run through bash in its own process group; on a timeout (or any error) the whole group is killed."""
-    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    """Run through bash in its own process group; when it ends, times out or fails, nothing of the group is left."""
+    return run(args, timeout, cwd=cwd, env=env)
 
 
 def run_bash(block: Block, text: str, cwd: str, env: Dict[str, str], timeout: int) -> None:

@@ -3,6 +3,7 @@ torchrun ranks, Ray daemons) when the ``with`` block ends, however it ends (a fa
 
     with running([RETRIEVALS, "serve", model_dir, "--workers", "2"], stdout=log) as proc:
         ...                                  # proc is a subprocess.Popen
+    result = run([RETRIEVALS, "serve", ...], timeout=60)   # subprocess.run's result; the group goes on a timeout
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ def group_pids(pgid: int) -> List[int]:
     return found
 
 
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group of ``proc`` (started with ``start_new_session=True``), SIGKILL what is left
-    after ``grace`` seconds, and reap ``proc``."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+def stop_group(proc: subprocess.Popen, grace: float = 10.0, first: int = signal.SIGTERM) -> None:
+    """Send ``first`` (SIGTERM) to the process group of ``proc`` (started with ``start_new_session=True``),
+    SIGKILL what is left after ``grace`` seconds, and reap ``proc``."""
+    for sig, wait in ((first, grace), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -56,10 +57,22 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def running(args: Sequence[str], grace: float = 10.0, **popen_kwargs) -> Iterator[subprocess.Popen]:
-    """``subprocess.Popen(args, **popen_kwargs)`` in a new session; its whole group is stopped on exit."""
+def running(args: Sequence[str], grace: float = 10.0, first: int = signal.SIGTERM,
+            **popen_kwargs) -> Iterator[subprocess.Popen]:
+    """``subprocess.Popen(args, **popen_kwargs)`` in a new session; its whole group is stopped on exit
+    (:func:`stop_group`), however the block ends."""
     proc = subprocess.Popen(list(args), start_new_session=True, **popen_kwargs)
     try:
         yield proc
     finally:
-        stop_group(proc, grace)
+        stop_group(proc, grace, first)
+
+
+def run(args: Sequence[str], timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(args, capture_output=True, text=True, timeout=timeout)`` (``popen_kwargs`` may replace
+    those), except that a timeout (which raises ``subprocess.TimeoutExpired``) stops the whole process group,
+    not only ``args[0]``."""
+    popen_kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen_kwargs}
+    with running(args, **popen_kwargs) as proc:
+        out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(list(args), proc.returncode, out, err)

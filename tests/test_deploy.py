@@ -4,6 +4,7 @@ Dockerfile's command parses; two replicas behind the real haproxy lose no reques
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from processes import running
+from processes import run, running
 from retrievals import AutoModelForEmbedding
 from test_serving_cli import RETRIEVALS, free_port
 
@@ -98,13 +99,14 @@ def test_haproxy_config_is_valid():
     assert missing.returncode != 0  # an unset replica address is an error, not a silent default
 
 
-def start_server(model_dir, port, *extra, log=None):
-    proc = subprocess.Popen([RETRIEVALS, "serve", model_dir, "--port", str(port), "--log_level", "info",
-                             "--served_model_name", "m", *extra],
-                            stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    wait_healthy(f"http://127.0.0.1:{port}", proc)
-    return proc
+@contextlib.contextmanager
+def served(model_dir, port, *extra, log=None):
+    """A ``retrievals serve`` process, healthy; stopped with its workers when the block ends, however it ends."""
+    with running([RETRIEVALS, "serve", model_dir, "--port", str(port), "--log_level", "info",
+                  "--served_model_name", "m", *extra], stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                 env=dict(os.environ, OMP_NUM_THREADS="1")) as proc:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        yield proc
 
 
 def wait_healthy(url, proc=None, timeout=120):
@@ -133,16 +135,16 @@ def texts_for(client, n):
 @pytest.mark.slow
 def test_two_replicas_behind_haproxy_lose_nothing_when_one_stops(tiny_bert_dir, tmp_path):
     ports = [free_port(), free_port()]
-    logs = [open(tmp_path / f"replica{i}.log", "w") for i in (1, 2)]
-    replicas = [start_server(tiny_bert_dir, p, *extra, log=log)
-                for p, log, extra in zip(ports, logs, [(), ("--max_batch_size", "4")])]
     lb_port = free_port()
     env = dict(os.environ, RETRIEVALS_BIND=f"127.0.0.1:{lb_port}", RETRIEVALS_REPLICA_1=f"127.0.0.1:{ports[0]}",
                RETRIEVALS_REPLICA_2=f"127.0.0.1:{ports[1]}")
-    haproxy = subprocess.Popen(["haproxy", "-db", "-f", os.path.join(DEPLOY, "haproxy", "haproxy.cfg")], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lb = f"http://127.0.0.1:{lb_port}"
-    try:
+    with contextlib.ExitStack() as stack:  # every process is stopped, however the test ends
+        logs = [stack.enter_context(open(tmp_path / f"replica{i}.log", "w")) for i in (1, 2)]
+        replicas = [stack.enter_context(served(tiny_bert_dir, p, *extra, log=log))
+                    for p, log, extra in zip(ports, logs, [(), ("--max_batch_size", "4")])]
+        stack.enter_context(running(["haproxy", "-db", "-f", os.path.join(DEPLOY, "haproxy", "haproxy.cfg")], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_healthy(lb)
         results, failures, sent = {}, [], [0]
         lock = threading.Lock()
@@ -190,38 +192,26 @@ def test_two_replicas_behind_haproxy_lose_nothing_when_one_stops(tiny_bert_dir, 
         assert gauge(f"http://127.0.0.1:{ports[0]}", "retrievals_embeddings_total") > 0
         model = AutoModelForEmbedding.from_pretrained(tiny_bert_dir)
         texts = [text for text, _ in results.values()] + long_texts
-        served = np.array([v for _, v in results.values()] + [d["embedding"] for d in in_flight["r"].json()["data"]])
+        got = np.array([v for _, v in results.values()] + [d["embedding"] for d in in_flight["r"].json()["data"]])
         local = model.encode(texts)
-        assert (np.sum(served * local, axis=1)).min() >= 0.9999
+        assert (np.sum(got * local, axis=1)).min() >= 0.9999
         assert "stopped by signal 15" in open(tmp_path / "replica2.log").read()
-    finally:
-        haproxy.terminate()
-        for proc in replicas:
-            if proc.poll() is None:
-                proc.kill()
-        for log in logs:
-            log.close()
 
 
 @pytest.mark.slow
 def test_serve_workers_share_one_port(tiny_bert_dir, tmp_path):
     port = free_port()
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = start_server(tiny_bert_dir, port, "--workers", "2", log=log)
+    with open(tmp_path / "serve.log", "w") as log, served(tiny_bert_dir, port, "--workers", "2", log=log) as proc:
         url = f"http://127.0.0.1:{port}"
-        try:
-            pids = {httpx.get(url + "/info", timeout=10).json()["pid"] for _ in range(40)}  # a new connection each
-            assert len(pids) == 2 and proc.pid not in pids
-            texts = texts_for(1, 16)
-            served = np.array([d["embedding"] for d in httpx.post(
-                url + "/v1/embeddings", json={"input": texts, "model": "m"}, timeout=60).json()["data"]])
-            local = AutoModelForEmbedding.from_pretrained(tiny_bert_dir).encode(texts)
-            assert np.sum(served * local, axis=1).min() >= 0.9999
-            os.kill(proc.pid, signal.SIGTERM)
-            assert proc.wait(timeout=60) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        pids = {httpx.get(url + "/info", timeout=10).json()["pid"] for _ in range(40)}  # a new connection each
+        assert len(pids) == 2 and proc.pid not in pids
+        texts = texts_for(1, 16)
+        got = np.array([d["embedding"] for d in httpx.post(
+            url + "/v1/embeddings", json={"input": texts, "model": "m"}, timeout=60).json()["data"]])
+        local = AutoModelForEmbedding.from_pretrained(tiny_bert_dir).encode(texts)
+        assert np.sum(got * local, axis=1).min() >= 0.9999
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
     output = open(tmp_path / "serve.log").read()
     assert output.count("stopped by signal 15") == 2 and "worker 1 started" in output
     for pid in pids:
@@ -229,7 +219,7 @@ def test_serve_workers_share_one_port(tiny_bert_dir, tmp_path):
 
 
 def test_serve_workers_refuses_zero():
-    result = subprocess.run([RETRIEVALS, "serve", "/nonexistent", "--workers", "0"], capture_output=True, text=True)
+    result = run([RETRIEVALS, "serve", "/nonexistent", "--workers", "0"], timeout=60)
     assert result.returncode == 2 and "--workers must be >= 1, got 0" in result.stderr
 
 
@@ -240,8 +230,7 @@ def test_serve_workers_on_a_taken_port_fail_before_loading(tiny_bert_dir):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        result = subprocess.run([RETRIEVALS, "serve", tiny_bert_dir, "--port", str(port), "--workers", "2"],
-                                capture_output=True, text=True, timeout=120)
+        result = run([RETRIEVALS, "serve", tiny_bert_dir, "--port", str(port), "--workers", "2"], timeout=120)
     assert result.returncode == 2 and "worker 0 started" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
 
@@ -249,22 +238,18 @@ def test_serve_workers_on_a_taken_port_fail_before_loading(tiny_bert_dir):
 def serve_exit(args, timeout=120):
     """``(exit status, output)`` of ``retrievals serve ARGS``; ``None`` if it still runs after ``timeout`` s
     (then it is stopped, workers included)."""
-    with running([RETRIEVALS, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None, ""
-    return proc.returncode, output
+    try:
+        result = run([RETRIEVALS, "serve", *args], timeout=timeout, stderr=subprocess.STDOUT)
+    except subprocess.TimeoutExpired:
+        return None, ""
+    return result.returncode, result.stdout
 
 
 @pytest.mark.slow
 def test_a_second_server_on_a_workers_port_fails_before_loading(tiny_bert_dir, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "first.log", "w") as log, running(
-            [RETRIEVALS, "serve", tiny_bert_dir, "--port", str(port), "--workers", "2"], stdout=log,
-            stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1")) as first:
-        wait_healthy(url, first)
+    with open(tmp_path / "first.log", "w") as log, served(tiny_bert_dir, port, "--workers", "2", log=log) as first:
         pids = {httpx.get(url + "/info", timeout=10).json()["pid"] for _ in range(30)}
         assert len(pids) == 2
         for extra in (("--workers", "2"), ()):

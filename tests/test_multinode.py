@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from processes import run, stop_group
 from retrievals.trainer.checkpoints import last_complete_checkpoint
 from test_pipelines import write_pairs
 from test_serving_cli import free_port
@@ -41,12 +42,23 @@ def node(node_rank, port, flags, log):
     return subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def two_nodes(flags, tmp_path, tag):
+@pytest.fixture
+def launched():
+    """The launchers a test starts; each is stopped with its process group (its workers) at the end of the test,
+    however it ends."""
+    launchers = []
+    yield launchers
+    for proc in launchers:
+        stop_group(proc)
+
+
+def two_nodes(flags, tmp_path, tag, launched):
     port = free_port()
     with open(tmp_path / f"{tag}-0.log", "w") as log0, open(tmp_path / f"{tag}-1.log", "w") as log1:
-        first = node(0, port, flags, log0)  # hosts the rendezvous store
+        launched.append(node(0, port, flags, log0))  # hosts the rendezvous store
         time.sleep(1)
-        return first, node(1, port, flags, log1)
+        launched.append(node(1, port, flags, log1))
+        return launched[-2:]
 
 
 def descendants(pid):
@@ -74,19 +86,18 @@ def assert_same(a, b, atol):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
 
 
-def test_two_nodes_equal_one_launcher_and_a_lost_node_resumes(tiny_bert_dir, tmp_path):
+def test_two_nodes_equal_one_launcher_and_a_lost_node_resumes(tiny_bert_dir, tmp_path, launched):
     data = write_pairs(tmp_path / "train.jsonl", with_negatives=False)
-    single = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                             *embed_flags(tiny_bert_dir, data, tmp_path / "single")],
-                            env=ENV, capture_output=True, text=True, timeout=600)
+    single = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                  *embed_flags(tiny_bert_dir, data, tmp_path / "single")], env=ENV, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    launchers = two_nodes(embed_flags(tiny_bert_dir, data, tmp_path / "nodes"), tmp_path, "nodes")
+    launchers = two_nodes(embed_flags(tiny_bert_dir, data, tmp_path / "nodes"), tmp_path, "nodes", launched)
     assert [p.wait(timeout=600) for p in launchers] == [0, 0]
     assert_same(weights(tmp_path / "nodes"), weights(tmp_path / "single"), atol=0)
 
     # lose node 1 (launcher and worker, SIGKILL) once a third of the run is checkpointed
     out = tmp_path / "lost"
-    first, second = two_nodes(embed_flags(tiny_bert_dir, data, out), tmp_path, "lost")
+    first, second = two_nodes(embed_flags(tiny_bert_dir, data, out), tmp_path, "lost", launched)
     deadline = time.monotonic() + 300
     while not (out / "checkpoint-40").exists():
         assert time.monotonic() < deadline and first.poll() is None and second.poll() is None
@@ -100,7 +111,7 @@ def test_two_nodes_equal_one_launcher_and_a_lost_node_resumes(tiny_bert_dir, tmp
     # checkpoint-40, or -30 when the kill came while -40 was being written (then -40 is passed over)
     expected = last_complete_checkpoint(str(out), world_size=2)
     assert int(expected.rsplit("-", 1)[1]) >= 30
-    launchers = two_nodes(embed_flags(tiny_bert_dir, data, out), tmp_path, "restart")
+    launchers = two_nodes(embed_flags(tiny_bert_dir, data, out), tmp_path, "restart", launched)
     assert [p.wait(timeout=600) for p in launchers] == [0, 0]
     logs = (tmp_path / "restart-0.log").read_text() + (tmp_path / "restart-1.log").read_text()
     assert f"Resuming from {expected}" in logs

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from processes import group_pids, running
+from processes import group_pids, run, running
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -68,3 +68,14 @@ def test_a_failing_test_leaves_no_process(tmp_path):
     assert result.returncode == 1 and "the body failed" in result.stdout, result.stdout + result.stderr
     pids = [int(p) for p in pid_file.read_text().split()]
     assert len(pids) == 2 and [pid for pid in pids if alive(pid)] == []
+
+
+def test_run_stops_the_whole_group_on_a_timeout(tmp_path):
+    """``subprocess.run`` would kill bash alone and then wait for the background sleep holding its pipes."""
+    script = f"sleep 300 & echo $! > {tmp_path / 'pid'}; wait"
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run(["bash", "-c", script], timeout=2)
+    assert time.monotonic() - started < 30
+    assert not alive(int((tmp_path / "pid").read_text()))
+    assert run([sys.executable, "-c", "print('done')"], timeout=60).stdout == "done\n"

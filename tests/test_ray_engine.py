@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from processes import running
 from retrievals import AutoModelForEmbedding
 from retrievals.index import EncodeJob, LoadedIndex, Searcher, VectorsManifest, build_index, encode_to_shards
 from test_index import all_vectors, write_corpus
@@ -135,18 +136,14 @@ def test_a_killed_driver_resumes_with_the_remainder(model_dir, tmp_path, ray_tmp
     corpus, rows = write_corpus(tmp_path / "corpus.jsonl", n=N_ROWS, seed=3)
     before = ray_processes(ray_tmp)
     env = os.environ | {"PYTHONPATH": SRC, FAULTS_ENV: json.dumps({"pause_s": 1.0}), "OMP_NUM_THREADS": "1"}
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER.format(shard=SHARD), corpus, str(tmp_path / "vec"),
-                               model_dir, ray_tmp], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 150
-    while shards_listed(tmp_path / "vec") < 2 and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    driver.kill()
-    driver.wait()
-    try:
-        os.killpg(driver.pid, signal.SIGKILL)  # the Ray processes the killed driver started
-    except ProcessLookupError:
-        pass
+    # the driver is SIGKILLed, then the Ray processes it started (its process group) are, when the block ends
+    with running([sys.executable, "-c", DRIVER.format(shard=SHARD), corpus, str(tmp_path / "vec"), model_dir, ray_tmp],
+                 first=signal.SIGKILL, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as driver:
+        deadline = time.time() + 150
+        while shards_listed(tmp_path / "vec") < 2 and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        driver.kill()
+        driver.wait()
     print(f"the killed driver's Ray processes went in {assert_ray_gone(before, ray_tmp, [], within=30):.1f} s")
     partial = VectorsManifest.load(str(tmp_path / "vec"))
     assert 2 <= len(partial.shards) < 8 and not partial.complete and partial.int8_ranges

@@ -16,6 +16,8 @@ import numpy as np
 import openai
 import pytest
 
+from processes import run, running
+
 RETRIEVALS = os.path.join(os.path.dirname(sys.executable), "retrievals")
 
 
@@ -26,7 +28,7 @@ def free_port() -> int:
 
 
 def run_serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([RETRIEVALS, "serve", *args], capture_output=True, text=True, timeout=timeout)
+    return run([RETRIEVALS, "serve", *args], timeout=timeout)
 
 
 def last_line(stderr: str) -> str:
@@ -63,7 +65,7 @@ def test_truncated_weights_refuse_to_serve(tiny_bert_dir, tmp_path):
 def test_bad_settings_and_unknown_command(tiny_bert_dir):
     result = run_serve(tiny_bert_dir, "--port", str(free_port()), "--max_batch_tokens", "8")
     assert result.returncode == 2 and "max_batch_tokens (8) < the model's max input length" in result.stderr
-    result = subprocess.run([RETRIEVALS, "nope"], capture_output=True, text=True)
+    result = run([RETRIEVALS, "nope"], timeout=60)
     assert result.returncode == 2 and "unknown command 'nope'" in result.stderr
 
 
@@ -76,9 +78,9 @@ def test_saved_model_serves_openai_clients_and_shuts_down_gracefully(minilm_dir,
     model.save_pretrained(saved)
     port = free_port()
     env = {**os.environ, "RETRIEVALS_API_KEY": "k3y", "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.Popen([RETRIEVALS, "serve", str(saved), "--port", str(port), "--precision", "fp32"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with open(tmp_path / "serve.log", "w") as log, running(
+            [RETRIEVALS, "serve", str(saved), "--port", str(port), "--precision", "fp32"], env=env, stdout=log,
+            stderr=subprocess.STDOUT) as proc:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
         while True:
@@ -113,9 +115,6 @@ def test_saved_model_serves_openai_clients_and_shuts_down_gracefully(minilm_dir,
         worker.join(timeout=120)
         assert answer["r"].status_code == 200 and len(answer["r"].json()["data"]) == 48
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 def test_int8_model_is_served_like_its_encode(tiny_bert_dir):
