@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from processes import run
 from retrievals import AutoModelForEmbedding
 from retrievals.pipelines import embed
 from test_pipelines import common_flags, write_pairs
@@ -35,7 +35,7 @@ def torchrun(model_dir, data, out, *extra, overwrite=True):
            "--negatives_cross_device", "True", "--ddp_backend", "gloo", *extra]
     if overwrite:
         cmd.append("--overwrite_output_dir")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = run(cmd, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))  # a timeout stops the ranks too
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stderr
 

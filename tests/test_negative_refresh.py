@@ -8,13 +8,13 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 from transformers import TrainingArguments
 
+from processes import run
 from retrievals import AutoModelForEmbedding, RetrievalCollator, RetrievalDataset, RetrievalTrainer
 from retrievals.losses import InfoNCE
 from retrievals.mining.false_negatives import FalseNegativeFilter
@@ -157,7 +157,7 @@ def two_gloo_ranks(model_dir, tmp_path, out, *extra):
     # --standalone: torchrun takes a free port itself (a port picked here could be taken by a parallel test)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(script)] + embed_argv(model_dir, tmp_path, out) + ["--ddp_backend", "gloo", "--logging_steps", "1", *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    result = run(cmd, timeout=300, env=env)  # a timeout stops the ranks too
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.load(open(out / f"seen-{r}.json")) for r in (0, 1)]
 

@@ -1,10 +1,10 @@
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
+from processes import run
 from retrievals import AutoModelForEmbedding
 from retrievals.pipelines import build_hn, embed
 
@@ -112,7 +112,7 @@ def test_torchrun_two_processes(tiny_bert_dir, tmp_path):
            "-m", "retrievals.pipelines.embed"] + common_flags(tmp_path, tiny_bert_dir, data) + [
         "--negatives_cross_device", "True", "--ddp_backend", "gloo"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = run(cmd, timeout=300, env=env)  # a timeout stops the ranks too
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = AutoModelForEmbedding.from_pretrained(tmp_path / "out")
     assert model.encode("cat dog").shape == (32,)

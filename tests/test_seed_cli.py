@@ -3,12 +3,12 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from processes import run
 from retrievals import AutoModelForEmbedding
 from retrievals.models.precision import cpu_has_fast_bf16
 from retrievals.pipelines import embed
@@ -70,7 +70,7 @@ def test_seed_block_one_through_torchrun(tiny_bert_dir, tmp_path):
     argv = block_one(tiny_bert_dir, t2_ranking(tmp_path / "t2_ranking.jsonl"), str(tmp_path / "t2_output"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone",
            "-m", "retrievals.pipelines.embed", *argv, "--report_to", "none"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = run(cmd, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))  # a timeout stops the ranks too
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = "with bf16 autocast" if cpu_has_fast_bf16() else "in fp32"
     assert f"--fp16 on CPU: training {expected}" in proc.stderr
