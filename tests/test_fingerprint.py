@@ -156,3 +156,20 @@ def test_weights_files_are_those_the_model_loads(tmp_path):
         (folder / name).unlink()
     assert [os.path.basename(p) for p in weights_files(str(folder), True, {"use_safetensors": False})] == \
         ["pytorch_model.bin"]
+
+
+def test_weights_changed_in_memory_after_loading_change_the_fingerprint(wide_bert_dir):
+    """A model fine-tuned in the process that loaded it (finetune_beir's rounds, a notebook) is not the
+    model of its files: an optimizer step, or weights set by hand, give another fingerprint."""
+    model = _load(wide_bert_dir)
+    loaded = model_fingerprint(model)
+    model.encode(["hello world"])  # inference changes nothing
+    assert model_fingerprint(model) == loaded
+    param = model.model.encoder.layer[3].attention.self.query.weight
+    param.grad = torch.ones_like(param)
+    torch.optim.SGD([param], lr=1e-3).step()  # in place, as every optimizer does
+    stepped = model_fingerprint(model)
+    assert stepped != loaded
+    moved = _load(wide_bert_dir)
+    moved.model.pooler.dense.weight.data = moved.model.pooler.dense.weight.data + 1e-3  # a tensor swapped in
+    assert model_fingerprint(moved) not in (loaded, stepped)

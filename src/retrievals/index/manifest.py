@@ -97,19 +97,22 @@ def model_fingerprint(model) -> str:
     """A short hash of what decides a model's vectors: its embedding config (pooling, normalisation,
     instructions, max lengths), its backbone config and all its weights. Weights loaded from files are
     hashed whole from the files (:func:`cached_file_sha256`, ~1.2 s per GB once, then cached); a model
-    built in memory is hashed tensor by tensor; LoRA adapters not merged yet are hashed from memory.
+    built in memory, or changed in memory since it was loaded (an optimizer step), is hashed tensor by
+    tensor; LoRA adapters not merged yet are hashed from memory.
     The path the model was loaded from does not count (a copy, or a relative path, is the same model)."""
     digest = hashlib.sha256()
     digest.update(json.dumps(model.embedding_config.to_dict(), sort_keys=True).encode())
     backbone = getattr(model, "model", model)
     settings = {k: v for k, v in backbone.config.to_dict().items() if k not in _PATH_KEYS}  # where, not what
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    from ..models.loading import weights_files, weights_state
+
     files = getattr(model, "weights_files", None)
     if files is None:  # built without from_pretrained: the weights of the folder it names, if any
-        from ..models.loading import weights_files
-
         folder = getattr(backbone.config, "_name_or_path", "") or ""
         files = weights_files(folder, True, {}) if os.path.isdir(folder) else []
+    elif getattr(model, "loaded_weights_state", None) != weights_state(backbone):
+        files = []  # trained or edited in memory since loading: its files are not this model any more
     for path in files:
         digest.update(f"{os.path.basename(path)}:{cached_file_sha256(path)}".encode())
     peft_config = getattr(backbone, "peft_config", None)

@@ -13,7 +13,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .embedding_config import EmbeddingConfig, load_saved_settings
-from .loading import default_settings, ensure_pad_token, hub_file_locator, load_backbone, needs_eos, resolve_source, weights_files
+from .loading import (
+    default_settings,
+    ensure_pad_token,
+    hub_file_locator,
+    load_backbone,
+    needs_eos,
+    resolve_source,
+    weights_files,
+    weights_state,
+)
 from .pooling import Pooling
 from .precision import autocast_context, canonical_precision, resolve_precision
 from .similarity import similarity
@@ -99,6 +108,7 @@ class AutoModelForEmbedding(nn.Module):
             quantize_int8(model)
         model.quantization = quantization  # bitsandbytes weights stay where device_map put them
         model.weights_files = weights_files(path, is_local, kwargs)  # what its fingerprint hashes
+        model.loaded_weights_state = weights_state(backbone)  # changed in memory later: the fingerprint hashes memory
         return model
 
     def to_device(self, device: Optional[Union[str, torch.device]] = None) -> AutoModelForEmbedding:

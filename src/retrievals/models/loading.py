@@ -97,6 +97,14 @@ def weights_files(path: str, is_local: bool, kwargs: Dict[str, Any]) -> List[str
     return sorted(glob.glob(os.path.join(folder, "*.safetensors"))) or pickles
 
 
+def weights_state(module) -> Tuple[Tuple[str, int, int], ...]:
+    """Which tensors a module holds and how often each was written in place (``_version``): recorded at load
+    time, it tells whether the weights in memory are still those of the files (an optimizer step bumps it,
+    a tensor swapped in changes the storage)."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return tuple((name, t.data_ptr(), t._version) for name, t in named)
+
+
 def has_custom_code(path: str) -> bool:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
