@@ -69,7 +69,8 @@ class BuildHNArguments:
                 "...ForSequenceClassification cross-encoder"})
     teacher_batch_size: int = field(default=32, metadata={"help": "Batch size of the teacher"})
     teacher_max_length: Optional[int] = field(default=None, metadata={
-        "help": "Teacher max tokens (cross-encoder: per pair, default 512; bi-encoder: per document, default saved)"})
+        "help": "Teacher max tokens (cross-encoder: per pair, default its saved length, else 512; "
+                "bi-encoder: per document, default saved)"})
     pos_scores_key: str = field(default="pos_scores", metadata={"help": "Output field of the positives' teacher scores"})
     neg_scores_key: str = field(default="neg_scores", metadata={"help": "Output field of the negatives' teacher scores"})
     score_only: bool = field(default=False, metadata={
