@@ -255,3 +255,22 @@ def test_embed_pipeline_bf16_training_loss_falls(tiny_bert_dir, tmp_path, monkey
     assert seen and all(d == (torch.bfloat16 if fast else torch.float32) for d in seen[:50])
     losses = result["losses"]
     assert len(losses) == 16 and np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1, losses
+
+
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_the_bf16_reading_can_be_overridden(forced, monkeypatch):
+    """RETRIEVALS_CPU_BF16=0 runs the fp32 path of a CPU without bf16 units (how the suite's AVX2-only time is
+    measured on a bf16 machine); =1 the bf16 path. The CPU class printed at a test run says so."""
+    from retrievals.models import precision
+
+    monkeypatch.setenv(precision.BF16_ENV, forced)
+    precision.cpu_has_fast_bf16.cache_clear()
+    precision.cpu_class.cache_clear()
+    try:
+        assert precision.cpu_has_fast_bf16() is (forced == "1")
+        assert precision.resolve_precision("auto", torch.device("cpu")) == ("bf16" if forced == "1" else "fp32")
+        assert f"RETRIEVALS_CPU_BF16={forced}" in precision.cpu_class()
+    finally:
+        monkeypatch.undo()
+        precision.cpu_has_fast_bf16.cache_clear()
+        precision.cpu_class.cache_clear()

@@ -20,12 +20,17 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+BF16_ENV = "RETRIEVALS_CPU_BF16"
 _WARNED_FP16_ON_CPU: weakref.WeakSet = weakref.WeakSet()  # models already told that fp16 falls back on CPU
 
 
 @functools.cache
 def cpu_has_fast_bf16() -> bool:
-    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX). ``RETRIEVALS_CPU_BF16=0``
+    (or ``1``) overrides the reading: ``0`` runs the fp32 path of a CPU without bf16 units."""
+    forced = os.environ.get(BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -59,6 +64,9 @@ def cpu_class() -> str:
         kind = "AVX2-only (no bf16 units: fp32)"
     else:
         kind = "no AVX2 (fp32)"
+    forced = os.environ.get(BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        kind += f"; {BF16_ENV}={forced}: bf16 path {'on' if forced == '1' else 'off'}"
     return f"{name}, {os.cpu_count()} cores, {kind}"
 
 
