@@ -105,7 +105,9 @@ def test_scifact_infonce_short_run_improves(minilm_dir, data_dir, tmp_path):
     from train_scifact_infonce import scifact_train_rows, train_scifact
 
     full = load_beir(os.path.join(data_dir, "scifact"), split="test")
-    keep = {d for rels in full.qrels.values() for d in rels} | set(list(full.corpus)[:300])
+    # the test queries' documents and 100 others (379 in all): 0.8543 -> 0.8629 after 6 steps with bf16 autocast,
+    # 0.8542 -> 0.8632 in fp32 (AMD EPYC, AVX512-BF16); 12 steps and 300 others took 70 s more for the same proof
+    keep = {d for rels in full.qrels.values() for d in rels} | set(list(full.corpus)[:100])
     small = BeirDataset({d: full.corpus[d] for d in full.corpus if d in keep}, full.queries, full.qrels)
     train_rows = scifact_train_rows(os.path.join(data_dir, "scifact"))[:64]
     rows = [{"query": r["query"], "positive": r["positive"][0]} for r in train_rows]
@@ -113,7 +115,7 @@ def test_scifact_infonce_short_run_improves(minilm_dir, data_dir, tmp_path):
     collator = PairCollator(base.tokenizer, query_max_length=64, document_max_length=256)
     loss_before = fixed_batch_loss(base, collator, InfoNCE(), rows)
     ndcg_before = evaluate_retrieval(base, small).metrics["ndcg@10"]
-    out = train_scifact(minilm_dir, os.path.join(data_dir, "scifact"), str(tmp_path / "out"), max_steps=12,
+    out = train_scifact(minilm_dir, os.path.join(data_dir, "scifact"), str(tmp_path / "out"), max_steps=6,
                         evaluate=False)
     loss_after = fixed_batch_loss(out["model"], collator, InfoNCE(), rows)
     ndcg_after = evaluate_retrieval(out["model"], small).metrics["ndcg@10"]
