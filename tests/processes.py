@@ -76,3 +76,30 @@ def run(args: Sequence[str], timeout: float, **popen_kwargs) -> subprocess.Compl
     with running(args, **popen_kwargs) as proc:
         out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(list(args), proc.returncode, out, err)
+
+
+def _gloo_rank(rank: int, port: int, world: int, fn, args) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(fn, nprocs: int, *args) -> None:
+    """``mp.spawn`` of ``fn(rank, *args)`` on ``nprocs`` gloo ranks, rendezvous at a TCP store this process
+    binds first (port 0, held until the ranks are done): no port chosen by bind-and-close, which a parallel
+    test could take before the ranks bind it (a rank then aborts)."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    store = dist.TCPStore("127.0.0.1", 0, nprocs + 1, is_master=True, wait_for_workers=False)
+    try:
+        mp.spawn(_gloo_rank, args=(store.port, nprocs, fn, args), nprocs=nprocs, join=True)
+    finally:
+        del store

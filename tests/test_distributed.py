@@ -1,14 +1,12 @@
 """InfoNCE with cross-device negatives on 2 CPU processes (gloo) equals one process with the whole batch."""
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from processes import spawn_gloo
 from retrievals.losses import InfoNCE
 
 DIM, NEG = 8, 2
@@ -24,30 +22,19 @@ def global_batch(sizes):
     return q, p, n, ids
 
 
-def _worker(rank, world, port, sizes, out_dir, reduction):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        q, p, n, ids = global_batch(sizes)
-        start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
-        q, p, n = (t[start:stop].clone().requires_grad_(True) for t in (q, p, n))
-        loss_fn = InfoNCE(nn.CrossEntropyLoss(reduction=reduction), temperature=0.5, negatives_cross_device=True)
-        neg_ids = torch.arange(1000, 1000 + sum(sizes) * NEG)[start * NEG:stop * NEG]
-        loss = loss_fn(q, p, n, positive_ids=ids[start:stop], negative_ids=neg_ids)
-        loss.sum().backward()
-        torch.save({"loss": loss.detach(), "q": q.grad, "p": p.grad, "n": n.grad}, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, sizes, out_dir, reduction):
+    q, p, n, ids = global_batch(sizes)
+    start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    q, p, n = (t[start:stop].clone().requires_grad_(True) for t in (q, p, n))
+    loss_fn = InfoNCE(nn.CrossEntropyLoss(reduction=reduction), temperature=0.5, negatives_cross_device=True)
+    neg_ids = torch.arange(1000, 1000 + sum(sizes) * NEG)[start * NEG:stop * NEG]
+    loss = loss_fn(q, p, n, positive_ids=ids[start:stop], negative_ids=neg_ids)
+    loss.sum().backward()
+    torch.save({"loss": loss.detach(), "q": q.grad, "p": p.grad, "n": n.grad}, os.path.join(out_dir, f"{rank}.pt"))
 
 
 def run_ranks(sizes, tmp_path, reduction):
-    mp.spawn(_worker, args=(len(sizes), _free_port(), sizes, str(tmp_path), reduction), nprocs=len(sizes), join=True)
+    spawn_gloo(_worker, len(sizes), sizes, str(tmp_path), reduction)
     return [torch.load(tmp_path / f"{r}.pt") for r in range(len(sizes))]
 
 

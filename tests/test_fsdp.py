@@ -10,15 +10,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from processes import run
+from processes import run, spawn_gloo
 from retrievals import AutoModelForEmbedding
 from retrievals.pipelines import embed
 from test_pipelines import common_flags, write_pairs
-from test_serving_cli import free_port
 
 TEXTS = ["cat dog", "the sun and the moon", "blue fish", "red sky green ocean"]
 
@@ -141,21 +139,16 @@ def _sharded_encode_rank(rank, model_dir, result):
     result[f"encode-{rank}"] = [float(abs(g - e).max()) for g, e in zip(got, expected)] + [got[0].shape]
 
 
-def _two_gloo_ranks(rank, port, model_dir, result):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        _disagreeing_rank(rank, result)
-        _sharded_encode_rank(rank, model_dir, result)
-    finally:
-        dist.destroy_process_group()
+def _two_gloo_ranks(rank, model_dir, result):
+    _disagreeing_rank(rank, result)
+    _sharded_encode_rank(rank, model_dir, result)
 
 
 @pytest.fixture(scope="module")
 def gloo_ranks(tiny_bert_dir):
     """One ``mp.spawn`` of 2 gloo ranks for the checks below (a spawn costs seconds of imports)."""
     result = mp.Manager().dict()
-    mp.spawn(_two_gloo_ranks, args=(free_port(), tiny_bert_dir, result), nprocs=2, join=True)
+    spawn_gloo(_two_gloo_ranks, 2, tiny_bert_dir, result)
     return dict(result)
 
 
