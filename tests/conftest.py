@@ -124,10 +124,13 @@ def data_dir() -> str:
     return path
 
 
-def pytest_report_header(config):
-    from retrievals.models.precision import cpu_class
+def pytest_sessionstart(session):
+    """The CPU class first (bf16 units or not decide how long the real-model tests take), under -q too."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
+        from retrievals.models.precision import cpu_class
 
-    return f"CPU: {cpu_class()}"
+        reporter.write_line(f"CPU: {cpu_class()}")
 
 
 def pytest_collection_modifyitems(config, items):
