@@ -139,3 +139,16 @@ def test_index_mining_does_not_ban_documents_ending_with_the_query(built, tmp_pa
                           negative_number=9)
     assert "blue the blue" in out[0]["negative"] and "cat the cat" not in out[0]["negative"]
     assert len(out[0]["negative"]) == 9
+
+
+def test_a_short_positive_bans_only_a_stored_text_that_could_be_its_title_and_body():
+    """A stored text ending with a positive is banned when what precedes the positive could be a title (no
+    longer than the positive); a short positive ("blue cat") no longer bans every document ending with it."""
+    from retrievals.mining.index_mining import StoredDocument, _is_banned
+
+    positives = {"the blue cat", "a protein that binds the receptor in female mice"}
+    banned = set(positives)
+    assert _is_banned(StoredDocument("Receptor study a protein that binds the receptor in female mice"), banned, positives)
+    assert _is_banned(StoredDocument("cat the blue cat"), banned, positives)  # a title "cat", the body after it
+    assert _is_banned(StoredDocument("the blue cat"), banned, positives)  # the positive itself
+    assert not _is_banned(StoredDocument("one two three four five sky sun moon and the blue cat"), banned, positives)

@@ -26,12 +26,15 @@ class StoredDocument(PoolDocument):
 
 def _is_banned(doc: PoolDocument, banned: set, positives: set) -> bool:
     """The pool rule (:class:`PositiveRule`); for a stored text, whose title is unknown, a positive that ends it
-    also bans it (it may be the body after a title). The query does not: a document ending with the query's
-    words is no positive (with titles, from ``--candidate_pool``, the pool rule alone decides)."""
+    also bans it when what precedes it could be a title (no longer than the positive: the body after a title;
+    a short positive does not ban every document ending with its words). The query does not: a document
+    ending with the query's words is no positive (with titles, from ``--candidate_pool``, the pool rule alone
+    decides)."""
     if PositiveRule.is_banned(doc, banned):
         return True
     full = normalize_text(doc.full_text)
-    return isinstance(doc, StoredDocument) and any(full.endswith(" " + key) for key in positives if key)
+    return isinstance(doc, StoredDocument) and any(
+        full.endswith(" " + key) and len(full) - len(key) - 1 <= len(key) for key in positives if key)
 
 
 def mine_from_index(searcher, records: List[Dict[str, Any]], texts_of: TextLookup, query_key: str = "query",
