@@ -163,3 +163,31 @@ def test_sharded_encoder_equals_encode_with_every_rank_taking_part(gloo_ranks):
     for rank in (0, 1):
         got = gloo_ranks[f"encode-{rank}"]
         assert got[:2] == pytest.approx([0.0, 0.0], abs=1e-6) and got[2] == (7, 32)
+
+
+@pytest.mark.slow
+def test_dev_evaluation_under_fsdp_with_a_loss_without_dev_pairs(tiny_bert_dir, tiny_beir_dir, tmp_path):
+    """``--fsdp --eval_strategy steps`` with a loss that has no eval-loss pairs (cosent): the dev evaluator
+    encoded on each rank alone and died ("aten.embedding got mixed torch.Tensor and DTensor"); every rank now
+    takes part, and the logged dev nDCG@10 is the saved model's."""
+    from retrievals.data.beir import load_beir
+    from retrievals.evaluation.retrieval import evaluate_retrieval
+
+    data = tmp_path / "scored.jsonl"
+    rows = [{"query": " ".join(TEXTS[i % 4].split()[:2]), "positive": TEXTS[(i + 1) % 4], "label": (i % 5) / 4}
+            for i in range(16)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           "-m", "retrievals.pipelines.embed", *common_flags(tmp_path, tiny_bert_dir, str(data)),
+           "--loss_fn", "cosent", "--per_device_train_batch_size", "4", "--max_steps", "2", "--ddp_backend", "gloo",
+           "--fsdp", "full_shard", "--eval_strategy", "steps", "--eval_steps", "2", "--dev_data_dir", tiny_beir_dir,
+           "--dev_split", "test", "--pooling_method", "mean", "--save_strategy", "steps", "--save_steps", "2",
+           "--overwrite_output_dir"]
+    proc = run(cmd, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    logged = [h["eval_ndcg@10"] for h in json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+              if "eval_ndcg@10" in h]
+    saved = AutoModelForEmbedding.from_pretrained(out, precision="fp32")
+    expected = evaluate_retrieval(saved, load_beir(tiny_beir_dir)).metrics["ndcg@10"]
+    assert logged and logged[-1] == pytest.approx(expected, abs=1e-6)

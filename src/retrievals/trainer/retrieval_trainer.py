@@ -172,7 +172,8 @@ class RetrievalTrainer(Trainer):
                                           prediction_loss_only=True, ignore_keys=ignore_keys,
                                           metric_key_prefix=metric_key_prefix)
             metrics.update(output.metrics)
-        found = self.evaluator(self.accelerator.unwrap_model(self.model))
+        model = self.accelerator.unwrap_model(self.model)  # sharded (FSDP): every rank takes part in the encode
+        found = self.evaluator(fsdp.ShardedEncoder(model) if fsdp.is_sharded(model) else model)
         metrics.update({f"{metric_key_prefix}_{k}": float(v) for k, v in found.items()})
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
