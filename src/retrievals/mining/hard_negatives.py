@@ -214,9 +214,9 @@ def mine_hard_negatives(
 
 
 def _positive_scores(model, records: List[Dict[str, Any]], query_emb: np.ndarray, positive_key: str,
-                     batch_size: int, normalize: bool = False) -> List[float]:
-    """Each record's lowest query-positive score (``inf`` without positives: no limit); ``normalize``: as
-    cosines (an index that normalises the vectors of a model that does not)."""
+                     batch_size: int) -> List[float]:
+    """Each record's lowest query-positive score, with the model's similarity (``inf`` without positives:
+    no limit)."""
     positions: Dict[str, int] = {}
     for record in records:
         for text in _as_list(record.get(positive_key)):
@@ -224,9 +224,6 @@ def _positive_scores(model, records: List[Dict[str, Any]], query_emb: np.ndarray
     if not positions:
         return [math.inf] * len(records)
     emb = np.asarray(model.encode_corpus(list(positions), batch_size=batch_size), dtype=np.float32)
-    if normalize:
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        query_emb = query_emb / np.maximum(np.linalg.norm(query_emb, axis=1, keepdims=True), 1e-12)
     out = []
     for i, record in enumerate(records):
         rows = [positions[t] for t in _as_list(record.get(positive_key))]
