@@ -73,9 +73,26 @@ def run(args: Sequence[str], timeout: float, **popen_kwargs) -> subprocess.Compl
     those), except that a timeout (which raises ``subprocess.TimeoutExpired``) stops the whole process group,
     not only ``args[0]``."""
     popen_kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen_kwargs}
-    with running(args, **popen_kwargs) as proc:
+    with _one_torchrun_at_a_time(args), running(args, **popen_kwargs) as proc:
         out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(list(args), proc.returncode, out, err)
+
+
+@contextlib.contextmanager
+def _one_torchrun_at_a_time(args: Sequence[str]) -> Iterator[None]:
+    """torchrun launches of the two xdist workers take turns (a file lock): two ``--standalone`` launchers
+    started together both hung once in a full run (their ranks' ports are chosen by bind-and-close)."""
+    if "torch.distributed.run" not in args:
+        yield
+        return
+    import fcntl
+
+    with open(os.path.join("/tmp", "retrievals-tests-torchrun.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _gloo_rank(rank: int, port: int, world: int, fn, args) -> None:
