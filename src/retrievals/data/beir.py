@@ -89,3 +89,57 @@ def load_beir(data_dir: str, split: str = "test", with_corpus: bool = True, empt
         raise ValueError(f"{queries_path}: {len(missing)} judged queries missing, e.g. {sorted(missing)[:3]}")
     logger.info("Loaded %s: %d documents, %d %s queries", data_dir, len(corpus), len(queries), split)
     return BeirDataset(corpus=corpus, queries=queries, qrels=qrels, empty_documents=empty)
+
+
+DEV_KINDS = ("random", "disjoint")
+
+
+def split_queries(data: BeirDataset, fraction: float = 0.2, seed: int = 0,
+                  kind: str = "random") -> Tuple[BeirDataset, BeirDataset]:
+    """``(rest, held_out)``: about ``fraction`` of ``data``'s judged queries held out (a dev split carved
+    from train), both sharing the whole corpus. ``kind="random"``: a seeded sample of queries.
+    ``kind="disjoint"``: whole groups of queries linked by a judged document, so no document judged for a
+    held-out query is judged for a remaining one (a dev split that memorising documents cannot win)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"dev fraction must be in (0, 1), got {fraction}")
+    if kind not in DEV_KINDS:
+        raise ValueError(f"unknown dev split kind {kind!r}; valid: {', '.join(DEV_KINDS)}")
+    import random
+
+    ids = sorted(data.qrels)
+    groups = [[q] for q in ids] if kind == "random" else _linked_queries(data.qrels, ids)
+    random.Random(seed).shuffle(groups)
+    target, held = round(fraction * len(ids)), set()
+    for group in groups:
+        if len(held) >= target:
+            break
+        held.update(group)
+    if not held or len(held) == len(ids):
+        raise ValueError(f"cannot hold out {fraction:.0%} of {len(ids)} queries ({kind}): one split would be empty")
+
+    def part(keep) -> BeirDataset:
+        return BeirDataset(corpus=data.corpus, queries={q: t for q, t in data.queries.items() if keep(q)},
+                           qrels={q: r for q, r in data.qrels.items() if keep(q)}, empty_documents=data.empty_documents)
+
+    return part(lambda q: q not in held), part(lambda q: q in held)
+
+
+def _linked_queries(qrels: Dict[str, Dict[str, int]], ids: List[str]) -> List[List[str]]:
+    """Connected groups of queries, two queries linked when they judge a document in common."""
+    parent = {q: q for q in ids}
+
+    def root(q: str) -> str:
+        while parent[q] != q:
+            parent[q] = parent[parent[q]]
+            q = parent[q]
+        return q
+
+    first_query: Dict[str, str] = {}
+    for q in ids:
+        for doc in qrels[q]:
+            other = first_query.setdefault(doc, q)
+            parent[root(q)] = root(other)
+    groups: Dict[str, List[str]] = {}
+    for q in ids:
+        groups.setdefault(root(q), []).append(q)
+    return list(groups.values())

@@ -2,34 +2,40 @@
 fine-tune, evaluate again, print a table, save a plot and keep the model.
 
     python -m retrievals.pipelines.finetune_beir --model_name_or_path DIR --data_dir ../shared/data/scifact
+
+``--eval_on dev`` chooses recipes without touching the test split: a dev split is carved from the train
+queries (``--dev_fraction``, ``--dev_kind random|disjoint``, ``--dev_seed``) and the rest is trained on.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 from transformers import TrainingArguments
 
-from ..data.beir import BeirDataset, load_beir
+from ..data.beir import DEV_KINDS, BeirDataset, load_beir, split_queries
 from ..data.collators import RetrievalCollator
 from ..data.corpus import EMPTY_DOCUMENTS_HELP
 from ..data.datasets import RetrievalDataset
 from ..evaluation.retrieval import evaluate_retrieval
-from ..losses import InfoNCE
+from ..losses import get_loss
+from ..mining.false_negatives import FalseNegativeFilter
 from ..mining.hard_negatives import mine_hard_negatives, parse_range
 from ..models.embedding_model import AutoModelForEmbedding
 from ..models.precision import cpu_has_fast_bf16
 from ..trainer import RetrievalTrainer
 from .cli import run_cli
+from .finetune_report import METRICS, print_table, write_report  # noqa: F401  (METRICS: the table's, public)
 
 logger = logging.getLogger(__name__)
-METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
+LOSS_NAMES = ("infonce", "listwise_kl", "margin_mse")
+DISTILLATION = ("listwise_kl", "margin_mse")
 
 
 @dataclass
@@ -52,60 +58,136 @@ class FinetuneArguments:
     round_start: str = field(default="continue", metadata={
         "help": "Weights each round > 1 trains from: 'continue' (the previous round's) or 'base'"})
     empty_documents: str = field(default="skip", metadata={"help": EMPTY_DOCUMENTS_HELP})
+    eval_on: str = field(default="test", metadata={
+        "help": "'test', or 'dev': choose a recipe on a dev split carved from train, never reading the test split"})
+    dev_fraction: float = field(default=0.0, metadata={
+        "help": "Train queries held out as a dev split (0: none; --eval_on dev needs one), e.g. 0.2"})
+    dev_kind: str = field(default="random", metadata={
+        "help": "'random' (seeded sample of train queries) or 'disjoint' (no judged document shared with training)"})
+    dev_seed: int = field(default=0, metadata={"help": "Seed of the dev split (the same split whatever --seed)"})
+    dev_eval_steps: int = field(default=0, metadata={
+        "help": "Also evaluate the dev split every N steps (0: after each round only)"})
+    hn_refresh_steps: int = field(default=0, metadata={
+        "help": "Online refresh: mine new negatives with the model being trained every N steps (0: off)"})
+    max_positive_ratio: Optional[float] = field(default=None, metadata={
+        "help": "False negatives: drop candidates scoring above this fraction of the positive's score, e.g. 0.95"})
+    positive_margin: Optional[float] = field(default=None, metadata={
+        "help": "False negatives: drop candidates scoring above the positive's score minus this margin"})
+    teacher: Optional[str] = field(default=None, metadata={
+        "help": "Cross-encoder (or bi-encoder) scoring candidates: --teacher_threshold and distillation losses"})
+    teacher_threshold: Optional[float] = field(default=None, metadata={
+        "help": "False negatives: drop candidates the teacher scores above this"})
+    loss_fn: str = field(default="infonce", metadata={"help": f"One of {', '.join(LOSS_NAMES)} (the last two: distil "
+                                                              "the teacher's scores of positive and negatives)"})
+    teacher_temperature: float = field(default=1.0, metadata={"help": "Teacher score temperature of listwise_kl"})
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
         if self.round_start not in ("continue", "base"):
             raise ValueError(f"--round_start must be 'continue' or 'base', got {self.round_start!r}")
+        if self.eval_on not in ("test", "dev"):
+            raise ValueError(f"--eval_on must be 'test' or 'dev', got {self.eval_on!r}")
+        if self.eval_on == "dev" and not self.dev_fraction:
+            raise ValueError("--eval_on dev needs a dev split: --dev_fraction, e.g. 0.2")
+        if self.dev_kind not in DEV_KINDS:
+            raise ValueError(f"--dev_kind must be one of {', '.join(DEV_KINDS)}, got {self.dev_kind!r}")
+        if self.loss_fn not in LOSS_NAMES:
+            raise ValueError(f"Unknown --loss_fn {self.loss_fn!r}; valid: {', '.join(LOSS_NAMES)}")
+        if (self.loss_fn in DISTILLATION or self.teacher_threshold is not None) and not self.teacher:
+            raise ValueError(f"--loss_fn {self.loss_fn} and --teacher_threshold need --teacher (a cross-encoder, "
+                             "e.g. trained with `retrievals rerank`)")
+        if self.loss_fn in DISTILLATION and (self.hn_refresh_steps or self.train_group_size < 2):
+            raise ValueError(f"--loss_fn {self.loss_fn} distils scores of mined negatives: it needs "
+                             "--train_group_size >= 2 and cannot take --hn_refresh_steps (refreshed negatives "
+                             "have no teacher scores)")
+
+    def rules(self) -> Optional[FalseNegativeFilter]:
+        rules = FalseNegativeFilter(self.max_positive_ratio, self.positive_margin, self.teacher_threshold)
+        return rules if rules.uses_positive_scores or rules.uses_teacher else None
+
+
+def load_splits(args: FinetuneArguments) -> Tuple[BeirDataset, Optional[BeirDataset], Optional[BeirDataset]]:
+    """``(train, dev, test)``: ``dev`` carved from train when ``--dev_fraction`` (the rest is trained on);
+    ``test`` is ``None`` with ``--eval_on dev``: the test split is not even read."""
+    train = load_beir(args.data_dir, "train", empty_documents=args.empty_documents)
+    dev = None
+    if args.dev_fraction:
+        train, dev = split_queries(train, args.dev_fraction, args.dev_seed, args.dev_kind)
+        logger.info("dev split (%s, seed %d): %d queries held out of the train split, %d trained on",
+                    args.dev_kind, args.dev_seed, len(dev.queries), len(train.queries))
+    test = load_beir(args.data_dir, "test", empty_documents=args.empty_documents) if args.eval_on == "test" else None
+    return train, dev, test
 
 
 def run_finetune(args: FinetuneArguments) -> Dict[str, Any]:
     """Base eval, then ``rounds`` x (mine with the current model -> train -> eval); returns every round's
-    metrics, timings and losses. Each round's negatives and model are kept in ``output_dir/round-<r>``
-    (with one round, the model is saved in ``output_dir`` only)."""
-    test, train = (load_beir(args.data_dir, split, empty_documents=args.empty_documents) for split in ("test", "train"))
+    metrics (the ``--eval_on`` split's, and the dev split's when there is one), timings, losses, mining
+    counts and refreshes. Each round's negatives and model are kept in ``output_dir/round-<r>`` (with one
+    round, the model is saved in ``output_dir`` only)."""
+    train, dev, test = load_splits(args)
+    sets = {name: data for name, data in (("dev", dev), ("test", test)) if data is not None}
     records = training_records(train)
     if len(records) < args.batch_size:  # before any encoding: the trainer would only say "max_steps must be set"
         raise ValueError(f"{args.data_dir}: {len(records)} training queries are fewer than one batch "
                          f"(--batch_size {args.batch_size}, the last partial batch is dropped); lower --batch_size")
     model = load_base(args)
+    teacher = _load_teacher(args)
     timings: Dict[str, float] = {}
     start = time.perf_counter()
-    texts = test.corpus_texts()
+    texts = train.corpus_texts()
     corpus_emb = model.encode_corpus(texts, show_progress_bar=True)
-    base = evaluate_retrieval(model, test, corpus_embeddings=corpus_emb).metrics
+    base = _evaluate(model, sets, corpus_emb)
     timings["evaluate base"] = time.perf_counter() - start
+    dev_curve = [(0, base["dev"]["ndcg@10"])] if dev is not None else []
     rounds, losses, offset = [], [], 0
     for r in range(1, args.rounds + 1):
         suffix = f" (round {r})" if args.rounds > 1 else ""
         start = time.perf_counter()
+        counts: Dict[str, int] = {}
         mined = mine_hard_negatives(model, records, candidate_pool=texts, corpus_embeddings=corpus_emb,
                                     range_for_sampling=parse_range(args.range_for_sampling),
-                                    negative_number=args.negative_number, seed=args.seed + r - 1)
+                                    negative_number=args.negative_number, seed=args.seed + r - 1,
+                                    false_negatives=args.rules(), teacher=teacher, report=counts)
+        if args.loss_fn in DISTILLATION:
+            from ..mining.teacher import score_records
+
+            mined = score_records(teacher, mined)
         timings["mine hard negatives" + suffix] = time.perf_counter() - start
         if r > 1 and args.round_start == "base":
             model = load_base(args)  # mined by the trained model, trained from the base weights
         start = time.perf_counter()
-        trainer = _train(model, mined, args)
+        trainer, callbacks = _train(model, mined, args, texts, dev)
         timings["fine-tune" + suffix] = time.perf_counter() - start
         folder = os.path.join(args.output_dir, f"round-{r}") if args.rounds > 1 else args.output_dir
         model.save_pretrained(folder)
         if args.rounds > 1:
-            _write_jsonl(os.path.join(folder, "train_hn.jsonl"), mined)
+            write_jsonl(os.path.join(folder, "train_hn.jsonl"), mined)
         start = time.perf_counter()
         corpus_emb = model.encode_corpus(texts, show_progress_bar=True)
-        metrics = evaluate_retrieval(model, test, corpus_embeddings=corpus_emb).metrics
+        evaluations = _evaluate(model, sets, corpus_emb)
         timings["evaluate fine-tuned" + suffix] = time.perf_counter() - start
         round_losses = [(offset + h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+        refreshes = [{**entry, "step": offset + entry["step"]} for entry in callbacks.get("refresh", [])]
+        dev_curve += [(offset + step, m["dev_ndcg@10"]) for step, m in callbacks.get("dev", [])
+                      if step < trainer.state.global_step]
         offset += trainer.state.global_step
+        if dev is not None:
+            dev_curve.append((offset, evaluations["dev"]["ndcg@10"]))
         losses += round_losses
-        rounds.append({"round": r, "metrics": metrics, "losses": round_losses})
-        logger.info("round %d: nDCG@10 %.4f", r, metrics["ndcg@10"])
+        rounds.append({"round": r, "metrics": evaluations[args.eval_on], "evaluations": evaluations,
+                       "losses": round_losses, "mining": counts, "refreshes": refreshes, "steps": offset})
+        logger.info("round %d: %s nDCG@10 %.4f", r, args.eval_on, evaluations[args.eval_on]["ndcg@10"])
     if args.rounds > 1:
         model.save_pretrained(args.output_dir)
-    return {"base": base, "fine_tuned": rounds[-1]["metrics"], "rounds": rounds, "seconds": timings, "losses": losses,
-            "args": asdict(args)}
+    return {"eval_on": args.eval_on, "base": base[args.eval_on], "base_evaluations": base,
+            "fine_tuned": rounds[-1]["metrics"], "rounds": rounds, "dev_curve": dev_curve, "seconds": timings,
+            "losses": losses, "training_queries": len(records), "args": asdict(args)}
+
+
+def _evaluate(model, sets: Dict[str, BeirDataset], corpus_emb: np.ndarray) -> Dict[str, Dict[str, float]]:
+    """Each split's metrics from one encoding of the shared corpus."""
+    return {name: evaluate_retrieval(model, data, corpus_embeddings=corpus_emb).metrics for name, data in sets.items()}
 
 
 def training_records(train: BeirDataset) -> List[Dict[str, Any]]:
@@ -130,73 +212,66 @@ def load_base(args: FinetuneArguments) -> AutoModelForEmbedding:
                                                  query_max_length=args.query_max_length)
 
 
-def _write_jsonl(path: str, records: List[dict]) -> None:
+def _load_teacher(args: FinetuneArguments):
+    if not args.teacher:
+        return None
+    from ..mining.teacher import load_teacher
+
+    return load_teacher(args.teacher)
+
+
+def write_jsonl(path: str, records: List[dict]) -> None:
+    import json
+
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def _train(model, records: List[dict], args: FinetuneArguments) -> RetrievalTrainer:
+def _loss(args: FinetuneArguments):
+    if args.loss_fn == "infonce":
+        return get_loss("infonce", temperature=args.temperature, use_inbatch_negative=True)
+    if args.loss_fn == "listwise_kl":
+        return get_loss("listwise_kl", temperature=args.temperature, teacher_temperature=args.teacher_temperature)
+    return get_loss("margin_mse")
+
+
+def _train(model, records: List[dict], args: FinetuneArguments, texts: List[str],
+           dev: Optional[BeirDataset]) -> Tuple[RetrievalTrainer, Dict[str, list]]:
+    """Train one round; returns the trainer and the callbacks' histories (``refresh``, ``dev``)."""
     training_args = TrainingArguments(
         output_dir=os.path.join(args.output_dir, "checkpoints"), num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate, warmup_steps=0.1,
         logging_steps=5, save_strategy="no", report_to=[], seed=args.seed, dataloader_drop_last=True,
         bf16=cpu_has_fast_bf16(), use_cpu=True, disable_tqdm=False,
     )
+    dataset = RetrievalDataset(records, train_group_size=args.train_group_size, seed=args.seed,
+                               with_teacher_scores=args.loss_fn in DISTILLATION)
+    callbacks: Dict[str, Any] = {}
+    if args.hn_refresh_steps:
+        from ..mining.refresh import NegativeRefreshCallback
+
+        callbacks["refresh"] = NegativeRefreshCallback(
+            model, dataset, texts, args.hn_refresh_steps, range_for_sampling=parse_range(args.range_for_sampling),
+            negative_number=args.negative_number, seed=args.seed, false_negatives=args.rules())
+    if dev is not None and args.dev_eval_steps:
+        from ..evaluation.callback import RetrievalEvaluatorCallback
+
+        callbacks["dev"] = RetrievalEvaluatorCallback(model, dev, eval_steps=args.dev_eval_steps)
     trainer = RetrievalTrainer(
-        model=model, args=training_args,
-        train_dataset=RetrievalDataset(records, train_group_size=args.train_group_size, seed=args.seed),
+        model=model, args=training_args, train_dataset=dataset, callbacks=list(callbacks.values()),
         data_collator=RetrievalCollator(model.tokenizer, query_max_length=args.query_max_length,
                                         document_max_length=args.document_max_length),
-        loss_fn=InfoNCE(temperature=args.temperature, use_inbatch_negative=True),
+        loss_fn=_loss(args),
     )
     trainer.train()
-    return trainer
-
-
-def print_table(result: Dict[str, Any]) -> None:
-    rounds = result.get("rounds") or [{"round": 1, "metrics": result["fine_tuned"]}]
-    names = ["fine-tuned"] if len(rounds) == 1 else [f"round {r['round']}" for r in rounds]
-    print("\n| metric | base | " + " | ".join(names) + " | change |\n|---|---|" + "---|" * len(names) + "---|")
-    for name in METRICS:
-        b, values = result["base"][name], [r["metrics"][name] for r in rounds]
-        print(f"| {name} | {b:.4f} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {values[-1] - b:+.4f} |")
-    pad = " |" * len(names)
-    for step, seconds in result["seconds"].items():
-        print(f"| time: {step} | {seconds:.0f} s |{pad} |")
-    print(f"| time: total | {sum(result['seconds'].values()):.0f} s |{pad} |")
-
-
-def save_plot(result: Dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    steps, losses = zip(*result["losses"]) if result["losses"] else ((), ())
-    left.plot(steps, losses, marker="o")
-    left.set(title="training loss (InfoNCE)", xlabel="step", ylabel="loss")
-    xs = range(len(METRICS))
-    rounds = result.get("rounds") or [{"round": 1, "metrics": result["fine_tuned"]}]
-    bars = [("base", result["base"])] + [("fine-tuned" if len(rounds) == 1 else f"round {r['round']}", r["metrics"])
-                                         for r in rounds]
-    width = 0.8 / len(bars)
-    for i, (label, metrics) in enumerate(bars):
-        right.bar([x - 0.4 + width * (i + 0.5) for x in xs], [metrics[m] for m in METRICS], width=width, label=label)
-    right.set_xticks(list(xs), METRICS)
-    right.set(title="SciFact test", ylim=(0, 1))
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return trainer, {name: c.history for name, c in callbacks.items()}
 
 
 def run_and_report(args: FinetuneArguments) -> Dict[str, Any]:
     """:func:`run_finetune`, then the table, the plot and the JSON figures in ``output_dir``."""
     result = run_finetune(args)
     print_table(result)
-    save_plot(result, os.path.join(args.output_dir, "finetune.png"))
-    with open(os.path.join(args.output_dir, "finetune_result.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    write_report(result, args.output_dir)
     print(f"\nModel, plot and figures saved in {args.output_dir}")
     return result
 

