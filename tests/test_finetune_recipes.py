@@ -62,12 +62,15 @@ def test_split_queries_random_and_disjoint():
         split_queries(data, 1.0)
 
 
-def test_eval_on_dev_never_reads_the_test_split(word_beir, tiny_bert_dir, tmp_path):
+def test_eval_on_dev_never_reads_the_test_split(word_beir, tiny_bert_dir, tmp_path, capsys):
     (word_beir / "qrels" / "test.tsv").unlink()  # it would fail if anything read it
     out = tmp_path / "dev"
     code = finetune_beir.main(["--model_name_or_path", tiny_bert_dir, "--data_dir", str(word_beir), "--output_dir",
                                str(out), "--eval_on", "dev", "--dev_fraction", "0.2", "--rounds", "2"] + FLAGS)
     assert code == 0
+    printed = capsys.readouterr().out
+    assert "CPU: " in printed and "estimated time: " in printed and "estimated time for the rest: " in printed
+    assert "| dev metric | base | round 1 | round 2 |" in printed
     result = json.loads((out / "finetune_result.json").read_text())
     assert result["eval_on"] == "dev" and set(result["base_evaluations"]) == {"dev"}
     assert result["training_queries"] == 48
@@ -131,3 +134,16 @@ def test_distillation_from_a_cross_encoder_uses_its_scores(word_beir, tiny_bert_
     assert finetune_beir.main(base + ["--teacher", str(teacher_dir), "--loss_fn", "listwise_kl",
                                       "--train_group_size", "3", "--hn_refresh_steps", "5"]) == 2
     assert finetune_beir.main(base + ["--loss_fn", "kl"]) == 2
+
+
+def test_the_time_estimate_counts_encodes_and_training_steps(monkeypatch):
+    monkeypatch.setenv("RETRIEVALS_CPU_BF16", "1")
+    args = finetune_beir.FinetuneArguments(model_name_or_path="m", epochs=3, batch_size=32, train_group_size=2,
+                                           document_max_length=256)
+    encode, train = finetune_beir.SECONDS_PER_TOKEN[True]
+    # 64 queries: 2 steps per epoch, 6 steps; the corpus is encoded before and after training
+    expected = (2 * 100 * 256 + 6 * 32 * 2 * 256 * train / encode) * 1e-4
+    assert finetune_beir.estimate_seconds(args, 100, 64, 1e-4) == pytest.approx(expected)
+    args.rounds, args.hn_refresh_steps = 2, 4  # a refresh at step 4 of each 6-step round: 5 encodes in all
+    expected = (5 * 100 * 256 + 12 * 32 * 2 * 256 * train / encode) * 1e-4
+    assert finetune_beir.estimate_seconds(args, 100, 64, 1e-4) == pytest.approx(expected)
