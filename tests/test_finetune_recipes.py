@@ -147,3 +147,20 @@ def test_the_time_estimate_counts_encodes_and_training_steps(monkeypatch):
     args.rounds, args.hn_refresh_steps = 2, 4  # a refresh at step 4 of each 6-step round: 5 encodes in all
     expected = (5 * 100 * 256 + 12 * 32 * 2 * 256 * train / encode) * 1e-4
     assert finetune_beir.estimate_seconds(args, 100, 64, 1e-4) == pytest.approx(expected)
+
+
+def test_the_base_corpus_vectors_are_cached_by_model_and_texts(word_beir, tiny_bert_dir, tmp_path):
+    from retrievals.pipelines.finetune_beir import encode_corpus_cached, load_base
+
+    args = finetune_beir.FinetuneArguments(model_name_or_path=tiny_bert_dir)
+    model, texts, cache = load_base(args), load_beir(str(word_beir), "train").corpus_texts(), tmp_path / "cache"
+    first, hit = encode_corpus_cached(model, texts, str(cache))
+    assert not hit and len(list(cache.iterdir())) == 1
+    again, hit = encode_corpus_cached(load_base(args), texts, str(cache))
+    assert hit and np.array_equal(first, again)
+    np.testing.assert_allclose(first, model.encode_corpus(texts), atol=1e-6)
+    _, hit = encode_corpus_cached(model, texts[:-1] + [texts[-1] + "!"], str(cache))  # one text changed
+    assert not hit
+    shorter = finetune_beir.FinetuneArguments(model_name_or_path=tiny_bert_dir, document_max_length=8)
+    _, hit = encode_corpus_cached(load_base(shorter), texts, str(cache))  # other vectors: another key
+    assert not hit and len(list(cache.iterdir())) == 3
