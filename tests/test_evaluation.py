@@ -100,3 +100,16 @@ def test_metrics_equal_pytrec_eval_on_a_run_file():
     top10 = {q: dict(sorted(d.items(), key=lambda x: (x[1], x[0]), reverse=True)[:10]) for q, d in run.items()}
     ref10 = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
     assert ours["mrr@10"] == pytest.approx(float(np.mean([r["recip_rank"] for r in ref10.values()])), abs=1e-9)
+
+
+def test_per_query_values_by_hand_and_their_mean_is_the_metric():
+    import math
+
+    from retrievals.evaluation.metrics import evaluate_run, per_query
+
+    qrels = {"q1": {"a": 1}, "q2": {"b": 1}, "q3": {"c": 0}, "q4": {"d": 1}}
+    run = {"q1": {"a": 0.9, "b": 0.1}, "q2": {"a": 0.9, "b": 0.5}}  # q3 has nothing relevant, q4 no run
+    values = per_query(run, qrels, ["ndcg@10", "mrr@10"])
+    assert values["ndcg@10"] == {"q1": 1.0, "q2": 1 / math.log2(3), "q4": 0.0}
+    assert values["mrr@10"] == {"q1": 1.0, "q2": 0.5, "q4": 0.0}
+    assert evaluate_run(run, qrels, ["ndcg@10"])["ndcg@10"] == sum(values["ndcg@10"].values()) / 3

@@ -81,6 +81,8 @@ def test_eval_on_dev_never_reads_the_test_split(word_beir, tiny_bert_dir, tmp_pa
     curve = result["dev_curve"]
     assert [s for s, _ in curve] == [0, result["rounds"][0]["steps"], result["rounds"][1]["steps"]]
     assert curve[0][1] == result["base"]["ndcg@10"] and curve[-1][1] == result["fine_tuned"]["ndcg@10"]
+    queries = result["rounds"][-1]["ndcg@10_per_query"]["dev"]  # for paired comparisons between runs
+    assert set(queries) == set(dev.qrels) and np.mean(list(queries.values())) == pytest.approx(curve[-1][1])
     from retrievals.evaluation.retrieval import evaluate_retrieval
 
     saved = AutoModelForEmbedding.from_pretrained(out)

@@ -57,18 +57,31 @@ RETRIEVAL_METRICS: Dict[str, Callable[[List[str], Dict[str, int], int], float]] 
 }
 
 
-def evaluate_run(run: Run, qrels: Qrels, metrics: List[str] = ("ndcg@10", "mrr@10", "recall@100", "map@100")) -> Dict[str, float]:
-    """Mean of each ``name@k`` metric over the queries in ``qrels`` (a missing run counts as 0)."""
+def _parse(metrics: List[str]) -> List[tuple]:
     parsed = []
     for spec in metrics:
         name, _, k = spec.partition("@")
         if name not in RETRIEVAL_METRICS or not k.isdigit():
             raise ValueError(f"Unknown metric {spec!r}; use name@k with name in {', '.join(RETRIEVAL_METRICS)}")
         parsed.append((spec, RETRIEVAL_METRICS[name], int(k)))
-    totals = {spec: 0.0 for spec, _, _ in parsed}
-    judged = [q for q, rels in qrels.items() if any(r > 0 for r in rels.values())]
-    for qid in judged:
+    return parsed
+
+
+def per_query(run: Run, qrels: Qrels, metrics: List[str] = ("ndcg@10",)) -> Dict[str, Dict[str, float]]:
+    """``{metric: {qid: value}}`` over the queries with a relevant document in ``qrels`` (a missing run
+    counts as 0): what means, intervals and paired comparisons are computed from."""
+    parsed = _parse(list(metrics))
+    out: Dict[str, Dict[str, float]] = {spec: {} for spec, _, _ in parsed}
+    for qid, rels in qrels.items():
+        if not any(r > 0 for r in rels.values()):
+            continue
         ranking = _ranked(run.get(qid, {}))
         for spec, fn, k in parsed:
-            totals[spec] += fn(ranking, qrels[qid], k)
-    return {spec: total / max(1, len(judged)) for spec, total in totals.items()}
+            out[spec][qid] = fn(ranking, rels, k)
+    return out
+
+
+def evaluate_run(run: Run, qrels: Qrels, metrics: List[str] = ("ndcg@10", "mrr@10", "recall@100", "map@100")) -> Dict[str, float]:
+    """Mean of each ``name@k`` metric over the queries in ``qrels`` (a missing run counts as 0)."""
+    values = per_query(run, qrels, list(metrics))
+    return {spec: sum(v.values()) / max(1, len(v)) for spec, v in values.items()}

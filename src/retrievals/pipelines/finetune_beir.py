@@ -23,6 +23,7 @@ from ..data.beir import DEV_KINDS, BeirDataset, load_beir, split_queries
 from ..data.collators import RetrievalCollator
 from ..data.corpus import EMPTY_DOCUMENTS_HELP
 from ..data.datasets import RetrievalDataset
+from ..evaluation.metrics import per_query
 from ..evaluation.retrieval import evaluate_retrieval
 from ..losses import get_loss
 from ..mining.false_negatives import FalseNegativeFilter
@@ -159,7 +160,7 @@ def run_finetune(args: FinetuneArguments) -> Dict[str, Any]:
     if not cached:
         rest = estimate_seconds(args, len(texts), len(records), seconds / tokens) - seconds
         print(f"Corpus encoded in {seconds:.0f} s; estimated time for the rest: {rest / 60:.0f} min", flush=True)
-    base = _evaluate(model, sets, corpus_emb)
+    base, base_queries = _evaluate(model, sets, corpus_emb)
     timings["evaluate base"] = time.perf_counter() - start
     dev_curve = [(0, base["dev"]["ndcg@10"])] if dev is not None else []
     rounds, losses, offset = [], [], 0
@@ -187,7 +188,7 @@ def run_finetune(args: FinetuneArguments) -> Dict[str, Any]:
             write_jsonl(os.path.join(folder, "train_hn.jsonl"), mined)
         start = time.perf_counter()
         corpus_emb = model.encode_corpus(texts, show_progress_bar=True)
-        evaluations = _evaluate(model, sets, corpus_emb)
+        evaluations, queries = _evaluate(model, sets, corpus_emb)
         timings["evaluate fine-tuned" + suffix] = time.perf_counter() - start
         round_losses = [(offset + h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
         refreshes = [{**entry, "step": offset + entry["step"]} for entry in callbacks.get("refresh", [])]
@@ -198,11 +199,13 @@ def run_finetune(args: FinetuneArguments) -> Dict[str, Any]:
             dev_curve.append((offset, evaluations["dev"]["ndcg@10"]))
         losses += round_losses
         rounds.append({"round": r, "metrics": evaluations[args.eval_on], "evaluations": evaluations,
-                       "losses": round_losses, "mining": counts, "refreshes": refreshes, "steps": offset})
+                       "losses": round_losses, "mining": counts, "refreshes": refreshes, "steps": offset,
+                       "ndcg@10_per_query": queries})
         logger.info("round %d: %s nDCG@10 %.4f", r, args.eval_on, evaluations[args.eval_on]["ndcg@10"])
     if args.rounds > 1:
         model.save_pretrained(args.output_dir)
     return {"eval_on": args.eval_on, "base": base[args.eval_on], "base_evaluations": base,
+            "base_ndcg@10_per_query": base_queries,
             "fine_tuned": rounds[-1]["metrics"], "rounds": rounds, "dev_curve": dev_curve, "seconds": timings,
             "losses": losses, "training_queries": len(records), "args": asdict(args)}
 
@@ -250,9 +253,15 @@ def _weights(model) -> int:
     return sum(p.numel() for p in model.model.parameters() if id(p) not in skip)
 
 
-def _evaluate(model, sets: Dict[str, BeirDataset], corpus_emb: np.ndarray) -> Dict[str, Dict[str, float]]:
-    """Each split's metrics from one encoding of the shared corpus."""
-    return {name: evaluate_retrieval(model, data, corpus_embeddings=corpus_emb).metrics for name, data in sets.items()}
+def _evaluate(model, sets: Dict[str, BeirDataset], corpus_emb: np.ndarray) -> Tuple[Dict[str, Dict[str, float]],
+                                                                                       Dict[str, Dict[str, float]]]:
+    """``(metrics, nDCG@10 per query)`` of each split from one encoding of the shared corpus (per query: for
+    paired comparisons between runs)."""
+    metrics, queries = {}, {}
+    for name, data in sets.items():
+        result = evaluate_retrieval(model, data, corpus_embeddings=corpus_emb)
+        metrics[name], queries[name] = result.metrics, per_query(result.run, data.qrels)["ndcg@10"]
+    return metrics, queries
 
 
 def training_records(train: BeirDataset) -> List[Dict[str, Any]]:
