@@ -164,29 +164,69 @@ def cpu_class() -> str:
     return describe()
 
 
+def per_query(args, record: dict):
+    """The run's dev/test nDCG@10 per query (``finetune_result.json``), or None for a run without them."""
+    path = os.path.join(args.out, "runs", record["key"].replace("|", "-"), "finetune_result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        last = json.load(f)["rounds"][-1]
+    split = "test" if record["split"] == "test" else "dev"
+    return last.get("ndcg@10_per_query", {}).get(split)
+
+
+def paired(a: Dict[str, float], b: Dict[str, float], resamples: int = 1000, seed: int = 0) -> str:
+    """Mean of ``a - b`` over the queries with a 95% paired bootstrap interval."""
+    import numpy as np
+
+    diff = np.array([a[q] - b[q] for q in sorted(a)])
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return f"{diff.mean():+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
+def short(cmd: str) -> str:
+    """The row's flags after the model, data and output folders."""
+    flags = cmd.split("finetune_beir ")[-1].split()
+    keep, skip = [], {"--model_name_or_path", "--data_dir", "--output_dir", "--embedding_cache"}
+    for i, flag in enumerate(flags):
+        if flag not in skip and (i == 0 or flags[i - 1] not in skip):
+            keep.append(flag)
+    return " ".join(keep)
+
+
 def table(args) -> None:
-    """One markdown row per (row, proxy): the mean over seeds (and the spread) of each split."""
+    """One markdown row per (row, proxy): the mean over seeds (and the spread) of each split, and the paired
+    difference to the baseline of the same kind (same seed, per query, 95% bootstrap interval)."""
+    records = done(os.path.join(args.out, "results.jsonl"))
     rows: Dict[tuple, Dict[str, list]] = {}
-    for r in done(os.path.join(args.out, "results.jsonl")).values():
-        cell = rows.setdefault((r["row"], r["proxy"]), {})
-        cell.setdefault(r["split"], []).append(r)
+    for r in records.values():
+        rows.setdefault((r["row"], r["proxy"]), {}).setdefault(r["split"], []).append(r)
     splits = ["dev-random", "dev-disjoint", "test"]
-    print("| row | settings | " + " | ".join(f"{s} nDCG@10" for s in splits) + " | seconds per run | false negatives dropped |")
-    print("|---|---|" + "---|" * len(splits) + "---|---|")
+    print("| row | settings | " + " | ".join(f"{s} nDCG@10" for s in splits)
+          + " | vs baseline (dev-random, paired) | seconds per run | false negatives dropped | command |")
+    print("|---|---|" + "---|" * len(splits) + "---|---|---|---|")
     for (row, proxy), cell in rows.items():
         figures = []
         for s in splits:
-            runs = cell.get(s, [])
-            values = [x["ndcg@10"] for x in runs]
+            values = [x["ndcg@10"] for x in cell.get(s, [])]
             text = f"{sum(values) / len(values):.4f}" if values else ""
             if len(values) > 1:
                 text += f" ({min(values):.4f}-{max(values):.4f}, {len(values)} seeds)"
             figures.append(text)
+        versus = ""
+        for x in cell.get("dev-random", [])[:1]:
+            base = records.get(f"baseline|{x['seed']}|dev-random|{'proxy' if proxy else 'full'}")
+            mine, theirs = per_query(args, x), per_query(args, base) if base else None
+            if row != "baseline" and mine and theirs:
+                versus = paired(mine, theirs)
         every = [x for runs in cell.values() for x in runs]
         seconds = sum(x["seconds"] for x in every) / len(every)
         dropped = {k: v for m in every[0]["mining"] for k, v in m.items() if k != "backfilled_queries"}
-        print(f"| {row} | {'proxy (trained on 128 tokens)' if proxy else 'full'} {' '.join(ROWS[row])} | " + " | ".join(figures)
-              + f" | {seconds:.0f} | {dropped or ''} |")
+        kind = "proxy: trained on 128 tokens" if proxy else "full"
+        print(f"| {row} | {kind}; {' '.join(ROWS[row]) or 'defaults'} | " + " | ".join(figures)
+              + f" | {versus} | {seconds:.0f} | {dropped or ''} | `{short(every[0]['command'])}` |")
 
 
 def main() -> None:
