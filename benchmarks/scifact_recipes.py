@@ -58,7 +58,8 @@ def command(args, row: str, seed: int, out: str) -> List[str]:
     split = DEV + ["--dev_kind", args.dev_kind] if args.split == "dev" else split
     return ([sys.executable, "-m", "retrievals.pipelines.finetune_beir", "--model_name_or_path", args.model,
              "--data_dir", args.data, "--output_dir", out, "--seed", str(seed)] + split
-            + (PROXY if args.proxy else []) + ["--embedding_cache", os.path.join(args.out, "cache")] + flags)
+            + (PROXY if args.proxy else []) + ["--embedding_cache", os.path.join(args.out, "cache")] + flags
+            + args.flags.split())
 
 
 def key(row: str, seed: int, args) -> str:
@@ -242,6 +243,7 @@ def main() -> None:
     parser.add_argument("--proxy", action="store_true", help="train on 128 document tokens (evaluation keeps 256)")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--teacher_epochs", type=float, default=1.0)
+    parser.add_argument("--flags", default="", help="more finetune_beir flags for every row (e.g. '--epochs 1')")
     parser.add_argument("--rerank", metavar="DENSE_RUN", help="re-rank this run's (a row's output folder) dense "
                         "top-k with the teacher on the split; the figures are printed and kept in OUT/rerank.jsonl")
     parser.add_argument("--rerank_top_k", type=int, default=100)
