@@ -28,7 +28,7 @@ def print_table(result: Dict[str, Any]) -> None:
         b = result["base_evaluations"]["dev"]["ndcg@10"]
         print(f"| dev ndcg@10 | {b:.4f} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {values[-1] - b:+.4f} |")
     for r in rounds:
-        if r.get("mining"):
+        if any(r.get("mining", {}).values()):
             print(f"| mining (round {r['round']}) | " + ", ".join(f"{k} {v}" for k, v in r["mining"].items()) + pad + " |")
     for step, seconds in result["seconds"].items():
         print(f"| time: {step} | {seconds:.0f} s |{pad} |")
@@ -62,7 +62,8 @@ def save_plot(result: Dict[str, Any], path: str) -> None:
     for i, (label, metrics) in enumerate(bars):
         right.bar([x - 0.4 + width * (i + 0.5) for x in xs], [metrics[m] for m in METRICS], width=width, label=label)
     right.set_xticks(list(xs), METRICS)
-    right.set(title=f"SciFact {result.get('eval_on', 'test')}", ylim=(0, 1))
+    data = os.path.basename(os.path.normpath(result.get("args", {}).get("data_dir", ""))) or "BEIR"
+    right.set(title=f"{data} {result.get('eval_on', 'test')}", ylim=(0, 1))
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
