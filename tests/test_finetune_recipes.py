@@ -166,3 +166,17 @@ def test_the_base_corpus_vectors_are_cached_by_model_and_texts(word_beir, tiny_b
     shorter = finetune_beir.FinetuneArguments(model_name_or_path=tiny_bert_dir, document_max_length=8)
     _, hit = encode_corpus_cached(load_base(shorter), texts, str(cache))  # other vectors: another key
     assert not hit and len(list(cache.iterdir())) == 3
+
+
+def test_the_demo_recipe_in_the_makefile_parses():
+    import os
+    import re
+
+    from transformers import HfArgumentParser
+
+    makefile = open(os.path.join(os.path.dirname(__file__), "..", "Makefile")).read()
+    recipe = re.search(r"^DEMO_RECIPE \?= (.*)$", makefile, re.M).group(1).split()
+    (args,) = HfArgumentParser([finetune_beir.FinetuneArguments]).parse_args_into_dataclasses(
+        ["--model_name_or_path", "m"] + recipe)
+    assert args.dev_fraction > 0 and args.eval_on == "test"  # the plot's dev curve; the table's test split
+    assert "--seed $(SEED)" in makefile
