@@ -208,6 +208,9 @@ def table(args) -> None:
     print("| row | settings | " + " | ".join(f"{s} nDCG@10" for s in splits)
           + " | vs baseline (dev-random, paired) | seconds per run | false negatives dropped | command |")
     print("|---|---|" + "---|" * len(splits) + "---|---|---|---|")
+    bases = {s: {round(r["base"], 4) for r in records.values() if r["split"] == s} for s in splits}
+    print("| base model | all-MiniLM-L6-v2, not fine-tuned | " + " | ".join(
+        "/".join(f"{b:.4f}" for b in sorted(bases[s])) for s in splits) + " | | | | |")
     for (row, proxy), cell in rows.items():
         figures = []
         for s in splits:
