@@ -25,7 +25,7 @@ CASES, SKIPPED = collect_cases()
 # (file, first command of the block): the blocks that do not run, each for the reason its comment gives
 EXPECTED_SKIPS = {
     ("README.md", "pip install torch==2.13.0"),   # network: installs from the package registries
-    ("README.md", "make demo"),                   # the 11-85 minute main job; make test is this suite itself
+    ("README.md", "make demo"),                   # the 15-90 minute main job; make test is this suite itself
 }
 SMALL_TEST_QUERIES, SMALL_TRAIN_QUERIES, SMALL_DOCS, SMALL_TEXT_CHARS = 10, 64, 120, 600
 

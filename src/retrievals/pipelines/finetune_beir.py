@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 LOSS_NAMES = ("infonce", "listwise_kl", "margin_mse")
 # Seconds per document token on a 2-core CPU with all-MiniLM-L6-v2 at 256 tokens (10.6M weights outside the
 # embeddings): (encoding, training: forward + backward + step per document token of a batch). With bf16 units
-# (AMD EPYC, AVX512-BF16, bf16 autocast) and without (the fp32 path: ~4x slower, 85 vs 20 min for one demo).
-SECONDS_PER_TOKEN = {True: (0.083e-3, 0.51e-3), False: (0.35e-3, 2.1e-3)}
+# (AMD EPYC, AVX512-BF16, bf16 autocast: the demo took 15 min 15 s, estimated 15 min) and without (a 2-core
+# AVX2 CPU, the fp32 path: 670 s per corpus encode, 50 s per training step of the earlier 85-minute demo).
+SECONDS_PER_TOKEN = {True: (0.083e-3, 0.51e-3), False: (0.505e-3, 3.05e-3)}
 REFERENCE_WEIGHTS = 10.6e6
 DISTILLATION = ("listwise_kl", "margin_mse")
 
