@@ -99,7 +99,7 @@ def train_teacher(args) -> None:
            "--data_name_or_path", data, "--output_dir", args.teacher_dir, "--train_group_size", "8", "--loss", "listwise",
            "--max_length", "256", "--num_train_epochs", str(args.teacher_epochs), "--per_device_train_batch_size", "8",
            "--learning_rate", "3e-5", "--warmup_steps", "0.1", "--logging_steps", "10", "--save_strategy", "no",
-           "--report_to", "none", "--use_cpu", "--seed", "42", "--overwrite_output_dir"]
+           "--report_to", "none", "--use_cpu", "--seed", "42"]
     print("$ " + " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
