@@ -206,7 +206,7 @@ def table(args) -> None:
         rows.setdefault((r["row"], r["proxy"]), {}).setdefault(r["split"], []).append(r)
     splits = ["dev-random", "dev-disjoint", "test"]
     print("| row | settings | " + " | ".join(f"{s} nDCG@10" for s in splits)
-          + " | vs baseline (dev-random, paired) | seconds per run | false negatives dropped | command |")
+          + " | vs baseline (dev, paired, seed 42) | seconds per run | false negatives dropped | command |")
     print("|---|---|" + "---|" * len(splits) + "---|---|---|---|")
     bases = {s: {round(r["base"], 4) for r in records.values() if r["split"] == s} for s in splits}
     print("| base model | all-MiniLM-L6-v2, not fine-tuned | " + " | ".join(
@@ -219,12 +219,14 @@ def table(args) -> None:
             if len(values) > 1:
                 text += f" ({min(values):.4f}-{max(values):.4f}, {len(values)} seeds)"
             figures.append(text)
-        versus = ""
-        for x in cell.get("dev-random", [])[:1]:
-            base = records.get(f"baseline|{x['seed']}|dev-random|{'proxy' if proxy else 'full'}")
-            mine, theirs = per_query(args, x), per_query(args, base) if base else None
-            if row != "baseline" and mine and theirs:
-                versus = paired(mine, theirs)
+        versus = []
+        for split in ("dev-random", "dev-disjoint"):
+            for x in cell.get(split, [])[:1]:
+                base = records.get(f"baseline|{x['seed']}|{split}|{'proxy' if proxy else 'full'}")
+                mine, theirs = per_query(args, x), per_query(args, base) if base else None
+                if row != "baseline" and mine and theirs:
+                    versus.append(f"{split.split('-')[1]} {paired(mine, theirs)}")
+        versus = "; ".join(versus)
         every = [x for runs in cell.values() for x in runs]
         seconds = sum(x["seconds"] for x in every) / len(every)
         dropped = {k: v for m in every[0]["mining"] for k, v in m.items() if k != "backfilled_queries"}
