@@ -83,9 +83,10 @@ def train_teacher(args) -> None:
     data = os.path.join(args.out, f"teacher-data-{args.split}.jsonl")
     if not os.path.exists(data):
         from retrievals.data.beir import load_beir, split_queries
+        from retrievals.data.jsonl import write_jsonl
         from retrievals.mining.hard_negatives import mine_hard_negatives
         from retrievals.models.embedding_model import AutoModelForEmbedding
-        from retrievals.pipelines.finetune_beir import training_records, write_jsonl
+        from retrievals.pipelines.finetune_beir import training_records
 
         train = load_beir(args.data, "train")
         if args.split == "dev":
@@ -93,8 +94,7 @@ def train_teacher(args) -> None:
         model = AutoModelForEmbedding.from_pretrained(args.model, max_length=256, query_max_length=64)
         mined = mine_hard_negatives(model, training_records(train), candidate_pool=train.corpus_texts(),
                                     range_for_sampling=(10, 100), negative_number=8, seed=42)
-        write_jsonl(data + ".part", mined)
-        os.replace(data + ".part", data)
+        write_jsonl(data, mined)
     cmd = [sys.executable, "-m", "retrievals.pipelines.rerank", "--model_name_or_path", args.model,
            "--data_name_or_path", data, "--output_dir", args.teacher_dir, "--train_group_size", "8", "--loss", "listwise",
            "--max_length", "256", "--num_train_epochs", str(args.teacher_epochs), "--per_device_train_batch_size", "8",

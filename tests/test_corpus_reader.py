@@ -126,3 +126,15 @@ def test_the_encode_job_refuses_empty_documents_with_error(beir_with_empty, tiny
     assert "corpus.jsonl:4: document 'e1' has empty 'title' and 'text'" in capsys.readouterr().err
     assert encode.main(argv + ["--output_dir", str(tmp_path / "vec2")]) == 0
     assert "10 vectors" in capsys.readouterr().out
+
+
+def test_write_jsonl_round_trips_whole_and_leaves_no_temporary_file(tmp_path):
+    from retrievals.data.jsonl import iter_jsonl, write_jsonl
+
+    records = [{"query": "café ☕", "negative": ["a", "b"]}, {"query": "q2", "negative": []}]
+    path = tmp_path / "out.jsonl"
+    path.write_text("old content\n")
+    write_jsonl(str(path), records)
+    assert [r for _, r in iter_jsonl(str(path))] == records
+    assert "café ☕" in path.read_text(encoding="utf-8")  # not ASCII-escaped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]

@@ -1,15 +1,25 @@
-"""Reading JSONL files with errors that name the file, the line and the field."""
+"""Reading JSONL files with errors that name the file, the line and the field; writing them whole."""
 
 from __future__ import annotations
 
 import gzip
 import json
-from typing import Any, Dict, Iterator, Tuple
+import os
+from typing import Any, Dict, Iterable, Iterator, Tuple
 
 
 def open_text(path: str):
     """Open ``path`` for reading text; ``.gz`` files are decompressed."""
     return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def write_jsonl(path: str, records: Iterable[Any]) -> None:
+    """One JSON value per line (UTF-8, not ASCII-escaped), written to ``path.tmp`` then renamed: a reader
+    sees the whole file or none of it, even after a kill."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    os.replace(tmp, path)
 
 
 def iter_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:

@@ -9,7 +9,6 @@ is not the driver's.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -18,6 +17,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from ..data.corpus import CorpusOptions, CorpusReader, fingerprint
+from ..data.jsonl import write_jsonl
 from .manifest import VectorsManifest, model_fingerprint
 from .shards import DTYPES, verify_shard
 
@@ -119,8 +119,7 @@ def prepare_manifest(job: EncodeJob, model, reader: CorpusReader) -> VectorsMani
 def finish(job: EncodeJob, manifest: VectorsManifest, reader: CorpusReader) -> VectorsManifest:
     """Mark the manifest complete and write the skipped records (bad or empty) with their reasons."""
     manifest.skipped = len(reader.stats.skipped)
-    with open(os.path.join(job.output_dir, "skipped.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in reader.stats.skipped)
+    write_jsonl(os.path.join(job.output_dir, "skipped.jsonl"), reader.stats.skipped)
     reader.stats.report(job.corpus)
     if manifest.count != manifest.total_rows:
         raise RuntimeError(f"{job.output_dir}: {manifest.count} rows encoded but the corpus has {manifest.total_rows}")

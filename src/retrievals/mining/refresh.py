@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from transformers import TrainerCallback
 
+from ..data.jsonl import write_jsonl
 from .false_negatives import FalseNegativeFilter
 from .hard_negatives import PoolEntry, mine_hard_negatives
 
@@ -88,7 +89,7 @@ class NegativeRefreshCallback(TrainerCallback):
             self.ranks = ranks
             folder = os.path.join(args.output_dir, REFRESH_DIR)
             os.makedirs(folder, exist_ok=True)
-            _write_lines(os.path.join(folder, f"step-{step}.jsonl"), negatives)
+            write_jsonl(os.path.join(folder, f"step-{step}.jsonl"), negatives)
             with open(os.path.join(folder, "log.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
             logger.info("hard negatives refreshed at step %d: %s", step, entry)
@@ -150,13 +151,6 @@ def _rank_and_world() -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _write_lines(path: str, negatives: List[List[str]]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(n, ensure_ascii=False) + "\n" for n in negatives)
-    os.replace(tmp, path)
 
 
 def _read_lines(path: str, step: int) -> List[List[str]]:

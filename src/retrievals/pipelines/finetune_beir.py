@@ -23,6 +23,7 @@ from ..data.beir import DEV_KINDS, BeirDataset, load_beir, split_queries
 from ..data.collators import RetrievalCollator
 from ..data.corpus import EMPTY_DOCUMENTS_HELP
 from ..data.datasets import RetrievalDataset
+from ..data.jsonl import write_jsonl
 from ..evaluation.metrics import per_query
 from ..evaluation.retrieval import evaluate_retrieval
 from ..losses import get_loss
@@ -293,13 +294,6 @@ def _load_teacher(args: FinetuneArguments):
     from ..mining.teacher import load_teacher
 
     return load_teacher(args.teacher)
-
-
-def write_jsonl(path: str, records: List[dict]) -> None:
-    import json
-
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def _loss(args: FinetuneArguments):
