@@ -108,23 +108,20 @@ def train_teacher(args) -> None:
 
 
 def rerank_with_teacher(args, dense_dir: str, top_k: int) -> dict:
-    """The teacher as a re-ranker of ``dense_dir``'s top-k on the row's split."""
+    """The teacher as a re-ranker of ``dense_dir``'s top-k on the row's split (``retrievals rerank``'s own
+    measurement, on the dev split when it is the row's)."""
     from retrievals.data.beir import load_beir, split_queries
-    from retrievals.evaluation.metrics import evaluate_run
-    from retrievals.evaluation.retrieval import evaluate_retrieval
     from retrievals.models.cross_encoder import CrossEncoder
     from retrievals.models.embedding_model import AutoModelForEmbedding
-    from retrievals.pipelines.rerank import rerank_run
+    from retrievals.pipelines.rerank import rerank_dense
 
     data = load_beir(args.data, "test") if args.split == "test" else \
         split_queries(load_beir(args.data, "train"), 0.2, seed=0, kind=args.dev_kind)[1]
-    first = evaluate_retrieval(AutoModelForEmbedding.from_pretrained(dense_dir), data, top_k=top_k)
     start = time.perf_counter()
-    reranked = rerank_run(CrossEncoder.from_pretrained(args.teacher_dir), data.queries,
-                          dict(zip(data.corpus_ids(), data.corpus_texts())), first.run, top_k=top_k)
-    metrics = evaluate_run(reranked, data.qrels, ("ndcg@10", "mrr@10", "recall@100"))
-    return {"dense": first.metrics["ndcg@10"], "reranked": metrics["ndcg@10"],
-            "rerank_seconds": round(time.perf_counter() - start, 1)}
+    found = rerank_dense(CrossEncoder.from_pretrained(args.teacher_dir), AutoModelForEmbedding.from_pretrained(dense_dir),
+                         data, top_k)
+    return {"dense": found["dense"]["ndcg@10"], "reranked": found["reranked"]["ndcg@10"],
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def run_rows(args) -> None:

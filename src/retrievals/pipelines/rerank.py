@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from transformers import TrainingArguments
 
-from ..data.beir import load_beir
+from ..data.beir import BeirDataset, load_beir
 from ..data.collators import CrossEncoderCollator
 from ..data.datasets import RetrievalDataset
 from ..evaluation.metrics import evaluate_run
@@ -100,14 +100,19 @@ def rerank_run(cross: CrossEncoder, queries: Dict[str, str], texts: Dict[str, st
     return {q: {d: next(scores) for d in docs} for q, docs in candidates.items()}
 
 
+def rerank_dense(cross: CrossEncoder, dense, data: BeirDataset, top_k: int = 100) -> Dict[str, Dict[str, float]]:
+    """Metrics of ``dense``'s run on ``data`` and of its top-k re-ranked by ``cross``."""
+    first = evaluate_retrieval(dense, data, top_k=top_k, metrics=METRICS)
+    texts = dict(zip(data.corpus_ids(), data.corpus_texts()))
+    reranked = rerank_run(cross, data.queries, texts, first.run, top_k=top_k)
+    return {"dense": first.metrics, "reranked": evaluate_run(reranked, data.qrels, METRICS)}
+
+
 def evaluate_reranking(cross: CrossEncoder, args: RerankArguments) -> Dict[str, Dict[str, float]]:
     """Metrics of the dense run and of its re-ranked top-k."""
     data = load_beir(args.eval_data_dir, split=args.eval_split)
-    dense = AutoModelForEmbedding.from_pretrained(args.dense_model_name_or_path)
-    first = evaluate_retrieval(dense, data, top_k=args.rerank_top_k, metrics=METRICS)
-    texts = dict(zip(data.corpus_ids(), data.corpus_texts()))
-    reranked = rerank_run(cross, data.queries, texts, first.run, top_k=args.rerank_top_k)
-    return {"dense": first.metrics, "reranked": evaluate_run(reranked, data.qrels, METRICS)}
+    return rerank_dense(cross, AutoModelForEmbedding.from_pretrained(args.dense_model_name_or_path), data,
+                        args.rerank_top_k)
 
 
 def run_rerank(args: RerankArguments, training_args: TrainingArguments) -> Dict[str, Any]:
