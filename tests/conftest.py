@@ -117,6 +117,28 @@ def tiny_beir_dir(tmp_path) -> str:
     return str(root)
 
 
+@pytest.fixture
+def word_beir(tmp_path):
+    """The main job's tiny BEIR folder: 90 two-word documents ("the cat and the dog"), each query the document's
+    two words; 60 train queries, 30 test."""
+    import gzip
+    import json
+
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    docs = {f"d{i}": f"the {a} and the {b}"
+            for i, (a, b) in enumerate((a, b) for a in BEIR_WORDS for b in BEIR_WORDS if a != b)}
+    with gzip.open(root / "corpus.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"_id": k, "title": "", "text": v}) + "\n" for k, v in docs.items())
+    (root / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": text.replace("the ", "").replace("and ", "")}) + "\n"
+        for i, text in enumerate(docs.values())))
+    rows = [f"q{i}\t{d}\t1" for i, d in enumerate(docs)]
+    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows[:60]) + "\n")
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows[60:]) + "\n")
+    return root
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> str:
     path = os.path.abspath(DATA_DIR)

@@ -1,7 +1,6 @@
 """The main job's recipe levers (issue 22): a dev split carved from train that never reads the test split,
 online refresh, false-negative rules and distillation from a cross-encoder, with their figures kept."""
 
-import gzip
 import json
 
 import numpy as np
@@ -11,27 +10,8 @@ from retrievals import AutoModelForEmbedding
 from retrievals.data.beir import BeirDataset, load_beir, split_queries
 from retrievals.pipelines import finetune_beir
 
-WORDS = "cat dog fish sky sun moon ocean blue red green".split()
 FLAGS = ["--epochs", "2", "--batch_size", "8", "--learning_rate", "1e-3", "--range_for_sampling", "2-20",
          "--negative_number", "3"]
-
-
-@pytest.fixture
-def word_beir(tmp_path):
-    """90 two-word documents; each query names a document's two words; 60 train queries, 30 test."""
-    root = tmp_path / "beir"
-    (root / "qrels").mkdir(parents=True)
-    docs = {f"d{i}": f"the {a} and the {b}" for i, (a, b) in enumerate((a, b) for a in WORDS for b in WORDS if a != b)}
-    with gzip.open(root / "corpus.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps({"_id": k, "title": "", "text": v}) + "\n" for k, v in docs.items())
-    ids = list(docs)
-    (root / "queries.jsonl").write_text("".join(
-        json.dumps({"_id": f"q{i}", "text": docs[d].replace("the ", "").replace("and ", "")}) + "\n"
-        for i, d in enumerate(ids)))
-    rows = [f"q{i}\t{d}\t1" for i, d in enumerate(ids)]
-    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows[:60]) + "\n")
-    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows[60:]) + "\n")
-    return root
 
 
 def linked_dataset():

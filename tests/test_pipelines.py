@@ -118,23 +118,10 @@ def test_torchrun_two_processes(tiny_bert_dir, tmp_path):
     assert model.encode("cat dog").shape == (32,)
 
 
-def test_finetune_beir_main_job_on_tiny_data(tiny_bert_dir, tmp_path):
-    import gzip
-
+def test_finetune_beir_main_job_on_tiny_data(tiny_bert_dir, word_beir, tmp_path):
     from retrievals.pipelines import finetune_beir
 
-    root = tmp_path / "beir"
-    (root / "qrels").mkdir(parents=True)
-    docs = {f"d{i}": f"the {a} and the {b}" for i, (a, b) in enumerate((a, b) for a in WORDS for b in WORDS if a != b)}
-    with gzip.open(root / "corpus.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps({"_id": k, "title": "", "text": v}) + "\n" for k, v in docs.items())
-    ids = list(docs)
-    (root / "queries.jsonl").write_text("".join(
-        json.dumps({"_id": f"q{i}", "text": docs[d].replace("the ", "").replace("and ", "")}) + "\n"
-        for i, d in enumerate(ids)))
-    rows = [f"q{i}\t{d}\t1" for i, d in enumerate(ids)]
-    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows[:60]) + "\n")
-    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows[60:]) + "\n")
+    root = word_beir
     out = tmp_path / "out"
     code = finetune_beir.main(["--model_name_or_path", tiny_bert_dir, "--data_dir", str(root), "--output_dir", str(out),
                                "--epochs", "2", "--batch_size", "8", "--learning_rate", "1e-3",
