@@ -160,3 +160,10 @@ def test_the_demo_recipe_in_the_makefile_parses():
         ["--model_name_or_path", "m"] + recipe)
     assert args.dev_fraction > 0 and args.eval_on == "test"  # the plot's dev curve; the table's test split
     assert "--seed $(SEED)" in makefile
+
+
+def test_the_splits_share_one_corpus(word_beir):
+    args = finetune_beir.FinetuneArguments(model_name_or_path="m", data_dir=str(word_beir), dev_fraction=0.2)
+    train, dev, test = finetune_beir.load_splits(args)
+    assert train.corpus is dev.corpus is test.corpus and len(test.corpus) == 90  # read once, one row order
+    assert set(test.queries) == {f"q{i}" for i in range(60, 90)} and set(test.qrels) == set(test.queries)

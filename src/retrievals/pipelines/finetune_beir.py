@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -134,7 +134,10 @@ def load_splits(args: FinetuneArguments) -> Tuple[BeirDataset, Optional[BeirData
         train, dev = split_queries(train, args.dev_fraction, args.dev_seed, args.dev_kind)
         logger.info("dev split (%s, seed %d): %d queries held out of the train split, %d trained on",
                     args.dev_kind, args.dev_seed, len(dev.queries), len(train.queries))
-    test = load_beir(args.data_dir, "test", empty_documents=args.empty_documents) if args.eval_on == "test" else None
+    test = None
+    if args.eval_on == "test":  # the corpus read once: every split shares it, and the vectors encoded from it
+        test = replace(load_beir(args.data_dir, "test", with_corpus=False), corpus=train.corpus,
+                       empty_documents=train.empty_documents)
     return train, dev, test
 
 
