@@ -42,7 +42,7 @@ ROWS: Dict[str, List[str]] = {
     "refresh30": ["--hn_refresh_steps", "30"],
     "ratio0.95": ["--max_positive_ratio", "0.95"],
     "margin0.05": ["--positive_margin", "0.05"],
-    "ce_threshold": ["--teacher", TEACHER, "--teacher_threshold", "2.0"],
+    "ce_threshold": ["--teacher", TEACHER, "--teacher_threshold", "0.9"],
     "ce_listwise_kl": ["--teacher", TEACHER, "--loss_fn", "listwise_kl", "--train_group_size", "4"],
     "ce_margin_mse": ["--teacher", TEACHER, "--loss_fn", "margin_mse", "--train_group_size", "4"],
     "lr1e-4": ["--learning_rate", "1e-4"],

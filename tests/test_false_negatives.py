@@ -102,6 +102,10 @@ def test_teacher_rule_without_a_teacher_and_bad_values_are_refused():
         mine(FalseNegativeFilter(teacher_threshold=0.5))
     with pytest.raises(ValueError, match="max_positive_ratio must be in"):
         FalseNegativeFilter(max_positive_ratio=0)
+    # a cross-encoder's threshold is a probability: 2.0 would silently drop nothing
+    for threshold in (2.0, 0.0):
+        with pytest.raises(ValueError, match=r"probability in \(0, 1\).*sigmoid"):
+            mine(FalseNegativeFilter(teacher_threshold=threshold), teacher=FixedCrossEncoder({t: 9.0 for t in SCORES}))
     with pytest.raises(ValueError, match="--teacher_threshold needs --teacher_model_name_or_path"):
         build_hn.BuildHNArguments(input_file="a", output_file="b", model_name_or_path="m", teacher_threshold=0.5)
 

@@ -252,6 +252,9 @@ def _teacher_choice(teacher, rules: FalseNegativeFilter, records: List[Dict[str,
     from .teacher import score_candidates
 
     cross = isinstance(teacher, CrossEncoder)
+    if cross and not 0 < float(rules.teacher_threshold) < 1:
+        raise ValueError(f"teacher_threshold {rules.teacher_threshold} with a cross-encoder teacher must be a "
+                         "probability in (0, 1): the rule compares sigmoid(score) with it")
     orders = [rng.sample(c, len(c)) for c, rng in zip(candidates_per_record, rngs)]
     chosen: List[List[PoolDocument]] = [[] for _ in records]
     cursor = [0] * len(records)
