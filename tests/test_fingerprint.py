@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from retrievals import AutoModelForEmbedding
-from retrievals.index import manifest
+from retrievals.models import fingerprint
 from retrievals.index.manifest import model_fingerprint
 
 
@@ -21,7 +21,7 @@ from retrievals.index.manifest import model_fingerprint
 def own_hash_cache(tmp_path, monkeypatch):
     """Each test hashes into its own cache folder (and starts with an empty in-process cache)."""
     monkeypatch.setenv("RETRIEVALS_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(manifest, "_FILE_HASHES", {})
+    monkeypatch.setattr(fingerprint, "_FILE_HASHES", {})
 
 
 def _wide_bert(tiny_bert_dir: str, path: str) -> str:
@@ -76,7 +76,8 @@ def test_one_weight_in_the_middle_of_the_file_changes_the_fingerprint(wide_bert_
 def test_every_setting_that_changes_the_vectors_changes_the_fingerprint(wide_bert_dir):
     base = model_fingerprint(_load(wide_bert_dir))
     variants = [dict(pooling_method="cls"), dict(normalize_embeddings=False), dict(query_instruction="query: "),
-                dict(document_instruction="passage: "), dict(max_length=16), dict(query_max_length=8)]
+                dict(document_instruction="passage: "), dict(max_length=16), dict(query_max_length=8),
+                dict(quantization="int8")]  # lossy int8 vectors must not mix with the float model's
     prints = [model_fingerprint(_load(wide_bert_dir, **v)) for v in variants]
     assert len({base, *prints}) == len(variants) + 1
 
@@ -128,10 +129,10 @@ def test_the_file_hash_is_cached_by_file_identity(wide_bert_dir, tmp_path, monke
     copy = shutil.copytree(wide_bert_dir, tmp_path / "copy")
     weights = os.path.join(copy, "model.safetensors")
     calls = []
-    real = manifest.file_sha256
-    monkeypatch.setattr(manifest, "file_sha256", lambda path: calls.append(path) or real(path))
+    real = fingerprint.file_sha256
+    monkeypatch.setattr(fingerprint, "file_sha256", lambda path: calls.append(path) or real(path))
     first = model_fingerprint(_load(str(copy)))
-    monkeypatch.setattr(manifest, "_FILE_HASHES", {})  # a new process: only the cache file is left
+    monkeypatch.setattr(fingerprint, "_FILE_HASHES", {})  # a new process: only the cache file is left
     assert model_fingerprint(_load(str(copy))) == first
     assert calls == [weights]
     assert os.listdir(tmp_path / "cache")

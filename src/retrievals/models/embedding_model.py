@@ -12,6 +12,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .accelerated import backend_runner
+from .accelerated import configure as configure_backend
+from .accelerated import run as run_backend
 from .embedding_config import EmbeddingConfig, load_saved_settings
 from .loading import (
     default_settings,
@@ -26,12 +29,10 @@ from .loading import (
 from .pooling import Pooling
 from .precision import autocast_context, canonical_precision, resolve_precision
 from .similarity import similarity
-from .tokenization import check_texts, pad_batch, tokenize_texts
+from .tokenization import (  # noqa: F401  (length_sorted_batches: imported from here by users)
+    DEFAULT_CPU_BATCH_TOKENS, check_texts, length_sorted_batches, pad_batch, tokenize_texts)
 
 logger = logging.getLogger(__name__)
-
-# Tokens per forward batch on CPU: smaller batches of long texts stay in cache (measured ~15% faster).
-DEFAULT_CPU_BATCH_TOKENS = 4096
 
 
 class AutoModelForEmbedding(nn.Module):
@@ -48,6 +49,7 @@ class AutoModelForEmbedding(nn.Module):
         self.pooling = Pooling(config.pooling_method)
         self.precision = canonical_precision(precision)
         self._accepts_position_ids: Optional[bool] = None
+        configure_backend(self, "auto", None, None)  # from_pretrained sets the user's backend
         self.train(backbone.training)  # transformers loads in eval mode; keep it
 
     # ------------------------------------------------------------------ loading
@@ -67,6 +69,8 @@ class AutoModelForEmbedding(nn.Module):
         device: Optional[Union[str, torch.device]] = None,
         trust_remote_code: bool = False,
         quantization: Optional[str] = None,
+        backend: Optional[str] = None,
+        backend_kwargs: Optional[Dict[str, Any]] = None,
         **kwargs: Any,
     ) -> AutoModelForEmbedding:
         """Load a model; arguments left as ``None`` come from the saved config, then defaults.
@@ -76,6 +80,9 @@ class AutoModelForEmbedding(nn.Module):
         ``fp32``, ``bf16`` or ``fp16``; ``use_fp16=True`` / ``use_bf16=`` are shorthands.
         ``quantization`` is ``int8`` (dynamic int8 Linear layers, CPU inference only), ``bnb-8bit`` or
         ``bnb-4bit`` (bitsandbytes, CUDA only); see :mod:`retrievals.models.quantization`.
+        ``backend`` runs inference on ``torch``, ``openvino`` or ``auto`` (the fastest near-lossless one on
+        this CPU; int8 there is OpenVINO's static int8); ``backend_kwargs``: ``calibration_texts``
+        (int8), ``export_dir``, ``streams``; see :mod:`retrievals.backends`.
         """
         from .quantization import prepare_quantization, quantize_int8
 
@@ -102,9 +109,10 @@ class AutoModelForEmbedding(nn.Module):
         tokenizer.padding_side = config.padding_side
         chosen = precision or ("fp16" if use_fp16 else {True: "bf16", False: "fp32", None: "auto"}[use_bf16])
         model = cls(backbone, tokenizer, config, precision=chosen)
+        torch_int8 = configure_backend(model, backend, backend_kwargs, path if is_local else None)
         if quantization is None or quantization == "int8":
             model.to_device("cpu" if quantization == "int8" else device)
-        if quantization == "int8":
+        if quantization == "int8" and torch_int8:
             quantize_int8(model)
         model.quantization = quantization  # bitsandbytes weights stay where device_map put them
         model.weights_files = weights_files(path, is_local, kwargs)  # what its fingerprint hashes
@@ -239,12 +247,14 @@ class AutoModelForEmbedding(nn.Module):
         max_batch_tokens: Optional[int] = None,
         precision: Optional[str] = None,
         show_progress_bar: bool = False,
+        backend: Optional[str] = None,
     ) -> torch.Tensor:
         """Pooled float32 embeddings ``[n, hidden]`` (not normalised) for token id lists, in input order.
 
         The one inference path behind :meth:`encode` and the HTTP server: ids are sorted by length and
         batched so that each batch is padded only to its own longest text, with at most ``batch_size``
-        texts and ``max_batch_tokens`` padded tokens (default 4096 on CPU) per batch.
+        texts and ``max_batch_tokens`` padded tokens (default 4096 on CPU) per batch. The model's backend
+        runs them (``backend="torch"``, or a ``precision`` other than the model's, forces torch).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -254,12 +264,17 @@ class AutoModelForEmbedding(nn.Module):
             return out
         if max_batch_tokens is None and device.type == "cpu":
             max_batch_tokens = DEFAULT_CPU_BATCH_TOKENS
+        batches = list(length_sorted_batches([len(x) for x in ids], batch_size, max_batch_tokens))
+        forced = backend == "torch" or (precision is not None and canonical_precision(precision) != self.precision)
+        runner = None if forced else backend_runner(self, ids)
+        if runner is not None:
+            run_backend(self, runner, ids, out.numpy(), batches)
+            return out
         resolved = resolve_precision(precision or self.precision, device, owner=self)
         was_training = self.training
         self.eval()
         try:
             with torch.inference_mode(), autocast_context(resolved, device, self.dtype):
-                batches = list(length_sorted_batches([len(x) for x in ids], batch_size, max_batch_tokens))
                 for batch in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
                     inputs = pad_batch([ids[i] for i in batch], self.tokenizer.pad_token_id,
                                        self.embedding_config.padding_side, device)
@@ -321,19 +336,6 @@ class AutoModelForEmbedding(nn.Module):
         backbone.save_pretrained(save_directory, **kwargs)
         self.tokenizer.save_pretrained(save_directory)
         self.embedding_config.save(save_directory, dimension=backbone.config.hidden_size)
-
-
-def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: Optional[int]) -> Iterator[List[int]]:
-    """Yield index batches, longest texts first, of at most ``batch_size`` items and ``max_tokens``
-    padded tokens (a single text longer than ``max_tokens`` still forms its own batch)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    start = 0
-    while start < len(order):
-        size = batch_size
-        if max_tokens:
-            size = max(1, min(batch_size, max_tokens // max(1, lengths[order[start]])))
-        yield order[start:start + size]
-        start += size
 
 
 def _document_text(doc: Any, index: int) -> str:
