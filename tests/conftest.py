@@ -146,6 +146,14 @@ def data_dir() -> str:
     return path
 
 
+def pytest_configure(config):
+    """The package's caches (weights hashes, the auto backend choice) in a folder of this test session, not
+    in the user's ~/.cache (tests that check the cache set their own)."""
+    import tempfile
+
+    os.environ.setdefault("RETRIEVALS_CACHE_DIR", tempfile.mkdtemp(prefix="retrievals-test-cache-"))
+
+
 def pytest_sessionstart(session):
     """The CPU class first (bf16 units or not decide how long the real-model tests take), under -q too."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from retrievals import AutoModelForEmbedding
-from retrievals.models import fingerprint
 from retrievals.index.manifest import model_fingerprint
+from retrievals.models import fingerprint
 
 
 @pytest.fixture(autouse=True)

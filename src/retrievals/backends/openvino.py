@@ -25,7 +25,7 @@ HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 Batch = Tuple[Sequence[int], np.ndarray, np.ndarray]  # (rows of the output, input_ids, attention_mask)
 
 
-def export(module, folder: str, example: Dict[str, "object"]) -> str:
+def export(module, folder: str, example: Dict[str, object]) -> str:
     """Convert ``module`` (``forward(input_ids, attention_mask) -> [batch, dim]``) to ``folder/GRAPH_NAME``
     with dynamic batch and length; the weights stay fp32 (precision is chosen when compiling)."""
     require("openvino", "backend='openvino'")

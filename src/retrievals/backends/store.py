@@ -5,9 +5,10 @@ was calibrated on."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 EXPORT_FILE = "export.json"
 
@@ -48,3 +49,22 @@ def write_record(folder: str, record: Dict[str, Any]) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
     os.replace(tmp, os.path.join(folder, EXPORT_FILE))
+
+
+@contextlib.contextmanager
+def locked(folder: str) -> Iterator[None]:
+    """An exclusive lock on ``folder`` across processes (``flock``; a no-op where there is none), held
+    while a graph is checked, exported or quantised, so parallel workers export once and never read half
+    a file."""
+    os.makedirs(folder, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(os.path.join(folder, ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -206,3 +206,13 @@ def check_unique_ids(reader: CorpusReader) -> int:
                     raise CorpusError(f"duplicate id {row.id!r} at {seen[row.id]} and {row.origin}; ids must be unique")
                 seen[row.id] = row.origin
     return count
+
+
+def sample_texts(path: str, count: int = 128, seed: int = 0, scan: int = 10_000) -> List[str]:
+    """A seeded sample of ``count`` document texts among the first ``scan`` of a corpus (int8 calibration)."""
+    import random
+
+    texts = [row.text for row, _ in zip(CorpusReader(path, CorpusOptions(id_required=False)), range(scan))]
+    if not texts:
+        raise CorpusError(f"{path}: no documents to sample (int8 calibration needs some)")
+    return texts if len(texts) <= count else random.Random(seed).sample(texts, count)

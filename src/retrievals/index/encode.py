@@ -37,7 +37,8 @@ def encode_to_shards(job: EncodeJob, engine: str = "local", encoder: Optional[Ba
         from .ray_engine import import_ray
 
         import_ray()
-    encoder = encoder or BatchEncoder(job.model_name_or_path, batch_size=job.batch_size, precision=job.precision)
+    encoder = encoder or job.encoder()
+    job.prepare_backend(encoder.model)
     reader = CorpusReader(job.corpus, job.corpus_options)
     manifest = prepare_manifest(job, encoder.model, reader)
     if manifest.complete:

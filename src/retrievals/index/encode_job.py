@@ -37,8 +37,10 @@ class BatchEncoder:
 
     def __init__(self, model_name_or_path: str, batch_size: int = 32, precision: Optional[str] = None,
                  model: Any = None, **load_kwargs: Any) -> None:
-        self.model_name_or_path, self.batch_size, self.precision = model_name_or_path, batch_size, precision
-        self.load_kwargs, self._model = load_kwargs, model
+        self.model_name_or_path, self.batch_size = model_name_or_path, batch_size
+        # a model loaded here takes the precision (and backend) at load; a given one at each call
+        self.precision = precision if model is not None else None
+        self.load_kwargs, self._model = {**load_kwargs, "precision": precision} if model is None else load_kwargs, model
 
     @property
     def model(self):
@@ -69,6 +71,8 @@ class EncodeJob:
     store_text: bool = False
     precision: Optional[str] = None
     corpus_options: CorpusOptions = field(default_factory=CorpusOptions)
+    backend: Optional[str] = None  # auto, torch, openvino (retrievals.backends)
+    calibration_file: Optional[str] = None  # int8 on OpenVINO: calibrate on these documents (default: the corpus)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -80,11 +84,26 @@ class EncodeJob:
         """Settings a resumed job must share with the first run."""
         return {"store_text": self.store_text, "corpus_options": asdict(self.corpus_options)}
 
+    def encoder(self) -> BatchEncoder:
+        """The per-batch function with this job's model settings (every engine's, and the driver's)."""
+        return BatchEncoder(self.model_name_or_path, batch_size=self.batch_size, precision=self.precision,
+                            backend=self.backend)
+
+    def prepare_backend(self, model) -> None:
+        """Int8 on OpenVINO is calibrated here, once, on a sample of this corpus (or ``calibration_file``)
+        before any worker starts, and saved: every worker then loads the same int8 graph."""
+        from ..data.corpus import sample_texts
+        from ..models.accelerated import needs_calibration, prepare_backend
+
+        if needs_calibration(model):
+            prepare_backend(model, sample_texts(self.calibration_file or self.corpus))
+
     def resolved(self) -> EncodeJob:
         """This job with absolute paths (corpus, output_dir, a local model folder), resolved here: for workers
         whose working directory is not this process's (a Ray cluster's actors)."""
         return replace(self, corpus=os.path.abspath(self.corpus), output_dir=os.path.abspath(self.output_dir),
-                       model_name_or_path=resolve_model_path(self.model_name_or_path))
+                       model_name_or_path=resolve_model_path(self.model_name_or_path),
+                       calibration_file=os.path.abspath(self.calibration_file) if self.calibration_file else None)
 
 
 def prepare_manifest(job: EncodeJob, model, reader: CorpusReader) -> VectorsManifest:

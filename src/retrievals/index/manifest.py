@@ -10,8 +10,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..models.fingerprint import (  # noqa: F401  (the index package's names for them)
-    cached_file_sha256, file_sha256, model_fingerprint, write_json_atomic)
+from ..models.fingerprint import cached_file_sha256, file_sha256, model_fingerprint, write_json_atomic  # noqa: F401  (the index package's names for them)
 
 logger = logging.getLogger(__name__)
 

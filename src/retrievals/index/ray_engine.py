@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data.corpus import CorpusReader
-from .encode_job import BatchEncoder, EncodeJob, finish
+from .encode_job import EncodeJob, finish
 from .manifest import ShardInfo, VectorsManifest
 from .search import SearchResult
 from .shards import shard_ranges, to_stored, write_shard
@@ -140,8 +140,7 @@ class ShardWorker:
 
         started = time.perf_counter()
         self.job, self.manifest = job, manifest
-        self.encoder = BatchEncoder(self.job.model_name_or_path, batch_size=self.job.batch_size,
-                                    precision=self.job.precision)
+        self.encoder = self.job.encoder()
         self.encoder.model  # noqa: B018 - loaded now, once per actor
         self.load_s = round(time.perf_counter() - started, 2)
         self.node = ray.get_runtime_context().get_node_id()
@@ -227,8 +226,7 @@ def fix_int8_ranges(job: EncodeJob, manifest: VectorsManifest, first: Dict[str, 
     from ..evaluation.quantized_search import int8_ranges
 
     table = pq.read_table(first["staging"]).slice(0, max(job.chunk_rows, INT8_CALIBRATION_ROWS))
-    encoder = BatchEncoder(job.model_name_or_path, batch_size=job.batch_size, precision=job.precision)
-    vectors = encoder({"id": table.column("id").to_pylist(), "text": table.column("text").to_pylist()})["embedding"]
+    vectors = job.encoder()({"id": table.column("id").to_pylist(), "text": table.column("text").to_pylist()})["embedding"]
     starts, steps = int8_ranges(vectors)
     manifest.int8_ranges = {"starts": starts.tolist(), "steps": steps.tolist()}
 

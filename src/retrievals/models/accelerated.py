@@ -12,6 +12,7 @@ installed (more faithful and faster than torch's dynamic int8, docs/speed.md), e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from torch import nn
 
 from ..backends import auto as auto_choice
 from ..backends import canonical_backend, is_available
-from ..backends.store import export_folder, read_record, write_record
+from ..backends.store import export_folder, locked, read_record, write_record
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +46,30 @@ class ExportForward(nn.Module):
         super().__init__()
         self.model = model
         self.positions = model._needs_position_ids(torch.tensor([[0, 1]]))
+        self.no_cache = getattr(model.model.config, "use_cache", None) is not None  # decoders: no KV cache in the graph
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         kwargs = {"position_ids": (attention_mask.cumsum(dim=1) - 1).clamp(min=0)} if self.positions else {}
+        if self.no_cache:
+            kwargs["use_cache"] = False
         outputs = self.model.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
         return self.model.pooling(hidden.float(), attention_mask)
+
+
+@contextlib.contextmanager
+def eager_attention(backbone):
+    """Plain attention ops while tracing: the fused SDPA path of decoders traces to a graph that gives NaN
+    rows under left padding; OpenVINO fuses the plain ops itself."""
+    before = getattr(backbone.config, "_attn_implementation", None)
+    switch = hasattr(backbone, "set_attn_implementation") and before not in (None, "eager")
+    if switch:
+        backbone.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            backbone.set_attn_implementation(before)
 
 
 def configure(model, backend: Optional[str], options: Optional[Dict[str, Any]], source_dir: Optional[str]) -> bool:
@@ -59,7 +78,7 @@ def configure(model, backend: Optional[str], options: Optional[Dict[str, Any]], 
     unknown = sorted(set(options) - set(BACKEND_OPTIONS))
     if unknown:
         raise ValueError(f"Unknown backend_kwargs {unknown}; valid: {', '.join(BACKEND_OPTIONS)}")
-    model.backend = canonical_backend(backend)
+    model.backend = canonical_backend(backend or os.environ.get("RETRIEVALS_BACKEND"))
     model.backend_options = options
     model.source_dir = source_dir
     if model.backend == "openvino" and not is_available("openvino"):
@@ -107,6 +126,28 @@ def backend_runner(model, ids: Sequence[Sequence[int]]):
         model.runner = built or _build(model, ids)
         model.runner_weights = state
         return model.runner
+
+
+def needs_calibration(model) -> bool:
+    """Whether the model's first encode would calibrate int8 on OpenVINO (no saved int8 graph to reuse)."""
+    from ..backends import openvino as ov_backend
+    from .fingerprint import model_fingerprint
+
+    if getattr(model, "quantization", None) != "int8" or model.int8_backend != "openvino" or model.__dict__.get("runner"):
+        return False
+    fingerprint = model_fingerprint(model, with_variant=False)
+    folder = export_folder("openvino", model.source_dir, fingerprint, model.backend_options.get("export_dir"))
+    record = read_record(folder)
+    return not (record.get("fingerprint") == fingerprint and record.get("int8")
+                and os.path.exists(os.path.join(folder, ov_backend.INT8_NAME)))
+
+
+def prepare_backend(model, texts: Optional[Sequence[str]] = None):
+    """Resolve the model's backend now (export, calibrate int8 on ``texts``, or measure ``auto``) instead
+    of at the first large encode; returns the runner, or None for torch."""
+    if texts and getattr(model, "quantization", None) == "int8" and not model.backend_options.get("calibration_texts"):
+        model.backend_options = {**model.backend_options, "calibration_texts": list(texts)}
+    return backend_runner(model, model.tokenize(list(texts)) if texts else [])
 
 
 def _precision(model) -> str:
@@ -168,17 +209,17 @@ def _build(model, ids: Sequence[Sequence[int]]):
     options = model.backend_options
     fingerprint = model_fingerprint(model, with_variant=False)
     folder = export_folder("openvino", model.source_dir, fingerprint, options.get("export_dir"))
-    record = read_record(folder)
-    graph = os.path.join(folder, ov_backend.GRAPH_NAME)
-    if record.get("fingerprint") != fingerprint or not os.path.exists(graph):
-        logger.info("Exporting the model to OpenVINO in %s", folder)
-        example = pad_numpy([[model.tokenizer.pad_token_id or 0] * 3, [1] * 2], model)
-        ov_backend.export(ExportForward(model), folder, {k: torch.as_tensor(v) for k, v in example.items()})
-        record = {"fingerprint": fingerprint, "graph": ov_backend.GRAPH_NAME, "torch": torch.__version__}
-        write_record(folder, record)
-    path = graph
-    if model.quantization == "int8":
-        path = _int8_graph(model, ids, folder, record, graph)
+    with locked(folder):
+        record = read_record(folder)
+        graph = os.path.join(folder, ov_backend.GRAPH_NAME)
+        if record.get("fingerprint") != fingerprint or not os.path.exists(graph):
+            logger.info("Exporting the model to OpenVINO in %s", folder)
+            example = pad_numpy([[model.tokenizer.pad_token_id or 0] * 3, [1] * 2], model)
+            with eager_attention(model.model):
+                ov_backend.export(ExportForward(model), folder, {k: torch.as_tensor(v) for k, v in example.items()})
+            record = {"fingerprint": fingerprint, "graph": ov_backend.GRAPH_NAME, "torch": torch.__version__}
+            write_record(folder, record)
+        path = _int8_graph(model, ids, folder, record, graph) if model.quantization == "int8" else graph
     return ov_backend.OpenVINORunner(path, precision=_precision(model), streams=options.get("streams"),
                                      threads=torch.get_num_threads())
 

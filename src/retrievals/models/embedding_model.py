@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,8 +29,7 @@ from .loading import (
 from .pooling import Pooling
 from .precision import autocast_context, canonical_precision, resolve_precision
 from .similarity import similarity
-from .tokenization import (  # noqa: F401  (length_sorted_batches: imported from here by users)
-    DEFAULT_CPU_BATCH_TOKENS, check_texts, length_sorted_batches, pad_batch, tokenize_texts)
+from .tokenization import DEFAULT_CPU_BATCH_TOKENS, check_texts, length_sorted_batches, pad_batch, tokenize_texts  # noqa: F401  (length_sorted_batches: imported from here by users)
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +85,8 @@ class AutoModelForEmbedding(nn.Module):
         """
         from .quantization import prepare_quantization, quantize_int8
 
+        if precision is not None and str(precision).lower() == "int8":  # --precision int8: int8 weights
+            precision, quantization = None, quantization or "int8"
         path, is_local = resolve_source(str(model_name_or_path), kwargs)
         quantization = prepare_quantization(quantization, kwargs, device)
         saved = load_saved_settings(path, None if is_local else hub_file_locator(path, kwargs))

@@ -36,7 +36,7 @@ from ..mining.false_negatives import FalseNegativeFilter
 from ..mining.hard_negatives import PoolDocument, mine_hard_negatives, parse_range
 from ..mining.teacher import load_teacher, score_records
 from ..models.embedding_model import AutoModelForEmbedding
-from .arguments import unescape
+from .arguments import BACKEND_HELP, CALIBRATION_HELP, backend_kwargs, unescape
 from .cli import run_cli
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class BuildHNArguments:
     model_name_or_path: Optional[str] = field(default=None, metadata={
         "help": "Embedding model that mines (its saved pooling/instructions are used); not needed with --score_only"})
     query_key: str = field(default="query")
+    backend: str = field(default="auto", metadata={"help": BACKEND_HELP})
+    calibration_file: Optional[str] = field(default=None, metadata={"help": CALIBRATION_HELP})
     positive_key: str = field(default="positive")
     negative_key: str = field(default="negative")
     range_for_sampling: str = field(default="2-200", metadata={"help": "Ranks to sample from, 'start-end'"})
@@ -152,7 +154,7 @@ def mine_with_index(args: BuildHNArguments, records: List[dict], teacher: Any = 
 
     settings = {"pooling_method": args.pooling_method, "query_instruction": unescape(args.query_instruction),
                 "document_instruction": unescape(args.document_instruction)}
-    searcher = Searcher(args.index_dir, model=args.model_name_or_path,
+    searcher = Searcher(args.index_dir, model=args.model_name_or_path, **backend_kwargs(args.backend, args.calibration_file),
                         **{k: v for k, v in settings.items() if v is not None})
     if args.candidate_pool:  # with titles: the pool's positive rule exactly
         by_id = {doc.doc_id: doc for doc in read_pool(args.candidate_pool, True, args.empty_documents)}
@@ -179,7 +181,8 @@ def mine(args: BuildHNArguments, records: List[dict], teacher: Any = None) -> Li
     pool = read_pool(args.candidate_pool, bool(args.positive_id_key), args.empty_documents) if args.candidate_pool else None
     model = AutoModelForEmbedding.from_pretrained(args.model_name_or_path, pooling_method=args.pooling_method,
                                                   query_instruction=unescape(args.query_instruction),
-                                                  document_instruction=unescape(args.document_instruction))
+                                                  document_instruction=unescape(args.document_instruction),
+                                                  **backend_kwargs(args.backend, args.calibration_file))
     return mine_hard_negatives(model, records, pool, query_key=args.query_key, positive_key=args.positive_key,
                                negative_key=args.negative_key, range_for_sampling=value_range,
                                negative_number=args.negative_number, seed=args.seed, batch_size=args.batch_size,

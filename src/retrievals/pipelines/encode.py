@@ -18,6 +18,7 @@ from ..data.corpus import EMPTY_DOCUMENTS_HELP, CorpusOptions
 from ..index.encode import encode_to_shards
 from ..index.encode_job import EncodeJob
 from ..index.manifest import VectorsManifest
+from .arguments import BACKEND_HELP, CALIBRATION_HELP
 from .cli import run_cli
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,9 @@ class EncodeArguments:
     shard_size: int = field(default=65_536, metadata={"help": "Vectors per Parquet shard"})
     dtype: str = field(default="float32", metadata={"help": "Stored form: float32, int8 or binary"})
     store_text: bool = field(default=False, metadata={"help": "Keep each document's text in the shards"})
-    precision: Optional[str] = field(default=None, metadata={"help": "auto (bf16 where fast), fp32, bf16, fp16"})
+    precision: Optional[str] = field(default=None, metadata={"help": "auto (bf16 where fast), fp32, bf16, fp16, int8"})
+    backend: str = field(default="auto", metadata={"help": BACKEND_HELP})
+    calibration_file: Optional[str] = field(default=None, metadata={"help": CALIBRATION_HELP})
     id_key: str = field(default="_id")
     text_key: str = field(default="text")
     title_key: Optional[str] = field(default="title", metadata={"help": "Prepended to the text when present"})
@@ -52,7 +55,8 @@ def run_encode(args: EncodeArguments) -> VectorsManifest:
                             skip_invalid=args.skip_invalid, empty_documents=args.empty_documents)
     job = EncodeJob(corpus=args.corpus, output_dir=args.output_dir, model_name_or_path=args.model_name_or_path,
                     shard_size=args.shard_size, chunk_rows=args.chunk_rows, batch_size=args.batch_size,
-                    dtype=args.dtype, store_text=args.store_text, precision=args.precision, corpus_options=options)
+                    dtype=args.dtype, store_text=args.store_text, precision=args.precision, corpus_options=options,
+                    backend=args.backend, calibration_file=args.calibration_file)
     engine_kwargs = {"num_workers": args.num_workers, "ray_address": args.ray_address,
                      "num_gpus_per_worker": args.num_gpus_per_worker} if args.engine == "ray" else {}
     manifest = encode_to_shards(job, engine=args.engine, **engine_kwargs)  # its default encoder uses the job's settings

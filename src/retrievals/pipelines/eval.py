@@ -20,6 +20,7 @@ from ..evaluation.retrieval import evaluate_dims, evaluate_retrieval
 from ..evaluation.sts import evaluate_sts
 from ..losses.matryoshka import parse_dims
 from ..models.embedding_model import AutoModelForEmbedding
+from .arguments import BACKEND_HELP, CALIBRATION_HELP, backend_kwargs
 from .cli import run_cli
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ class EvalArguments:
     max_length: Optional[int] = field(default=None, metadata={"help": "Override the saved max length"})
     batch_size: int = field(default=32)
     top_k: int = field(default=100)
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 where fast), fp32, bf16 or fp16"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 where fast), fp32, bf16, fp16 or int8"})
+    backend: str = field(default="auto", metadata={"help": BACKEND_HELP})
+    calibration_file: Optional[str] = field(default=None, metadata={"help": CALIBRATION_HELP})
     num_examples: int = field(default=3, metadata={"help": "Example queries to print with their top hits"})
     output_file: Optional[str] = field(default=None, metadata={"help": "Write the metrics as JSON here"})
     dims: Optional[str] = field(default=None, metadata={
@@ -58,7 +61,7 @@ def run_eval(args: EvalArguments) -> Dict[str, float]:
     pairs = load_sts(args.sts_file) if args.sts_file else None
     model = AutoModelForEmbedding.from_pretrained(
         args.model_name_or_path, pooling_method=args.pooling_method, max_length=args.max_length,
-        precision=args.precision,
+        precision=args.precision, **backend_kwargs(args.backend, args.calibration_file),
     )
     metrics: Dict[str, float] = {}
     if pairs is not None:

@@ -23,6 +23,7 @@ from functools import partial
 from typing import List, Optional
 
 from ..models.embedding_model import AutoModelForEmbedding
+from .arguments import BACKEND_HELP, CALIBRATION_HELP, backend_kwargs
 from .cli import run_cli
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,9 @@ class ServeArguments:
     model_name_or_path: str = field(metadata={"help": "Model directory saved by retrievals (or sentence-transformers)"})
     host: str = field(default="127.0.0.1", metadata={"help": "Interface to bind (0.0.0.0 exposes it to the network)"})
     port: int = field(default=8000)
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 where fast), fp32, bf16 or fp16"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 where fast), fp32, bf16, fp16 or int8"})
+    backend: str = field(default="auto", metadata={"help": BACKEND_HELP})
+    calibration_file: Optional[str] = field(default=None, metadata={"help": CALIBRATION_HELP})
     device: Optional[str] = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: CUDA if available)"})
     allow_pickle: bool = field(default=False, metadata={"help": "Allow pickle (*.bin) weights; they can run code"})
     quantization: Optional[str] = field(default=None, metadata={
@@ -53,7 +56,8 @@ def build_app(args: ServeArguments, config):
 
     kwargs = {"use_safetensors": False} if args.allow_pickle else {}
     model = AutoModelForEmbedding.from_pretrained(args.model_name_or_path, precision=args.precision,
-                                                  device=args.device, quantization=args.quantization, **kwargs)
+                                                  device=args.device, quantization=args.quantization, **kwargs,
+                                                  **backend_kwargs(args.backend, args.calibration_file))
     model.eval()
     if not config.served_model_name:
         config.served_model_name = os.path.basename(os.path.normpath(args.model_name_or_path))
