@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import WORDS
 from retrievals import AutoModelForEmbedding
 from retrievals.backends import auto as auto_choice
 from retrievals.backends import openvino as ov_backend
 from retrievals.index.manifest import model_fingerprint
 from retrievals.pipelines import encode as encode_pipeline
-
-from conftest import WORDS
 
 
 def _texts(n: int, seed: int = 0, longest: int = 40):
@@ -65,7 +64,8 @@ def test_openvino_matches_torch_fp32_on_real_text(minilm_dir, data_dir, tmp_path
             got = model.encode(texts, is_query=is_query)
             assert isinstance(model.runner, ov_backend.OpenVINORunner)
             assert _min_cos(got, reference.encode(texts, is_query=is_query)) >= floor, (precision, is_query)
-    assert sorted(os.listdir(tmp_path / "ov")) == [".lock", "export.json", "openvino_model.bin", "openvino_model.xml"]
+    assert sorted(os.listdir(tmp_path / "ov")) == [".retrievals.lock", "retrievals_export.json", "retrievals_model.bin",
+                                                   "retrievals_model.xml"]
 
 
 def test_int8_is_calibrated_on_the_documents_and_reloads_with_identical_vectors(minilm_dir, data_dir, tmp_path,
@@ -75,7 +75,7 @@ def test_int8_is_calibrated_on_the_documents_and_reloads_with_identical_vectors(
     first = AutoModelForEmbedding.from_pretrained(minilm_dir, precision="int8", backend="openvino",
                                                   backend_kwargs=options)
     vectors = first.encode(docs[64:])
-    record = json.loads((tmp_path / "ov" / "export.json").read_text())
+    record = json.loads((tmp_path / "ov" / "retrievals_export.json").read_text())
     assert record["int8"]["documents"] == 64 and record["int8"]["source"].startswith("calibration_texts")
     fp32 = AutoModelForEmbedding.from_pretrained(minilm_dir, precision="fp32", backend="torch").encode(docs[64:])
     assert 0.95 <= _min_cos(vectors, fp32) < 0.99999  # int8: close, and really quantised
@@ -87,15 +87,27 @@ def test_int8_is_calibrated_on_the_documents_and_reloads_with_identical_vectors(
     again = AutoModelForEmbedding.from_pretrained(minilm_dir, quantization="int8", backend="openvino",
                                                   backend_kwargs={"export_dir": str(tmp_path / "ov")})
     assert np.array_equal(again.encode(docs[64:]), vectors)
+    auto = AutoModelForEmbedding.from_pretrained(minilm_dir, quantization="int8",  # auto finds the saved int8 graph
+                                                 backend_kwargs={"export_dir": str(tmp_path / "ov")})
+    assert auto.int8_backend == "openvino" and np.array_equal(auto.encode(docs[64:]), vectors)
     assert model_fingerprint(again) == model_fingerprint(first) != model_fingerprint(
         AutoModelForEmbedding.from_pretrained(minilm_dir, quantization="int8", backend="torch"))
 
 
-def test_int8_without_documents_to_calibrate_on_is_a_clear_error(tiny_bert_dir, tmp_path):
+def test_int8_without_documents_to_calibrate_on(tiny_bert_dir, tmp_path):
+    """Asked for by name, OpenVINO int8 says what it needs; under auto, torch's dynamic int8 runs instead."""
     model = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, quantization="int8", backend="openvino",
                                                   backend_kwargs={"export_dir": str(tmp_path / "ov")})
     with pytest.raises(ValueError, match="calibrated on your documents.*calibration_texts.*this one has 3"):
         model.encode(_texts(3))
+    auto = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, quantization="int8",
+                                                 backend_kwargs={"export_dir": str(tmp_path / "ov")})
+    assert auto.int8_backend == "torch" and auto.encode(_texts(3)).shape == (3, 32)
+    assert auto.__dict__.get("runner") is None and model_fingerprint(auto) != model_fingerprint(model)
+    calibrated = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, quantization="int8", backend_kwargs={
+        "export_dir": str(tmp_path / "ov"), "calibration_texts": _texts(40)})
+    assert calibrated.int8_backend == "openvino" and calibrated.encode(_texts(3)).shape == (3, 32)
+    assert isinstance(calibrated.runner, ov_backend.OpenVINORunner)
 
 
 def test_the_export_follows_the_weights_on_disk_and_in_memory(tiny_bert_dir, tmp_path):
@@ -103,7 +115,7 @@ def test_the_export_follows_the_weights_on_disk_and_in_memory(tiny_bert_dir, tmp
     texts = _texts(40)
     model = AutoModelForEmbedding.from_pretrained(folder, precision="fp32", backend="openvino")
     before = model.encode(texts)
-    assert os.path.exists(os.path.join(folder, "openvino", "openvino_model.xml"))  # beside the model
+    assert os.path.exists(os.path.join(folder, "openvino", "retrievals_model.xml"))  # beside the model
     with torch.no_grad():
         model.model.embeddings.word_embeddings.weight.mul_(-1.5)
     changed = model.encode(texts)  # asked for by name: exported again from the weights in memory
@@ -191,7 +203,7 @@ def test_encode_pipeline_int8_on_openvino_calibrates_once_on_the_corpus(tiny_ber
     first = encode_pipeline.run_encode(encode_pipeline.EncodeArguments(
         model_name_or_path=str(folder), corpus=str(corpus), output_dir=str(tmp_path / "v1"), backend="openvino",
         precision="int8", chunk_rows=16))
-    record = json.loads((folder / "openvino" / "export.json").read_text())
+    record = json.loads((folder / "openvino" / "retrievals_export.json").read_text())
     assert record["int8"]["source"] == "calibration_texts (80 documents)"  # the corpus, not the first chunk
     assert encode_pipeline.main(argv + ["--output_dir", str(tmp_path / "v2")]) == 0
     second = json.loads((tmp_path / "v2" / "manifest.json").read_text())

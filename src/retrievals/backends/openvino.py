@@ -19,8 +19,8 @@ from . import require
 
 logger = logging.getLogger(__name__)
 
-GRAPH_NAME = "openvino_model.xml"
-INT8_NAME = "openvino_model_int8.xml"
+GRAPH_NAME = "retrievals_model.xml"  # not sentence-transformers' openvino_model.xml beside it
+INT8_NAME = "retrievals_model_int8.xml"
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 Batch = Tuple[Sequence[int], np.ndarray, np.ndarray]  # (rows of the output, input_ids, attention_mask)
 

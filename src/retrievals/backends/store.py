@@ -1,5 +1,5 @@
 """Where exported graphs live: ``<model folder>/openvino/`` beside the model when that folder is writable,
-else ``<cache>/openvino/<fingerprint>/``. ``export.json`` records the fingerprint of the model the graph
+else ``<cache>/openvino/<fingerprint>/``. ``retrievals_export.json`` records the fingerprint of the model the graph
 was made from (a graph of other weights is never reused: it is exported again) and, for int8, what it
 was calibrated on."""
 
@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any, Dict, Iterator, Optional
 
-EXPORT_FILE = "export.json"
+EXPORT_FILE = "retrievals_export.json"
 
 
 def cache_dir() -> str:
@@ -62,7 +62,7 @@ def locked(folder: str) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    with open(os.path.join(folder, ".lock"), "w") as handle:
+    with open(os.path.join(folder, ".retrievals.lock"), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -41,6 +41,11 @@ def _find(data_dir: str, stem: str) -> str:
     raise FileNotFoundError(f"{os.path.join(data_dir, stem)} not found (BEIR layout expected)")
 
 
+def corpus_file(data_dir: str) -> str:
+    """The corpus file of a BEIR folder (``corpus.jsonl`` or ``corpus.jsonl.gz``)."""
+    return _find(data_dir, "corpus.jsonl")
+
+
 def read_corpus(path: str, empty_documents: str = "skip") -> Tuple[Dict[str, Dict[str, str]], int]:
     """``({doc id: {"title", "text"}}, number of empty documents)`` through the package's one corpus reader
     (:class:`~retrievals.data.corpus.CorpusReader`): its field checks, and its ``empty_documents`` policy."""

@@ -86,17 +86,21 @@ class EncodeJob:
 
     def encoder(self) -> BatchEncoder:
         """The per-batch function with this job's model settings (every engine's, and the driver's)."""
+        from ..data.corpus import sample_texts
+
+        kwargs = {}
+        if str(self.precision or "").lower() == "int8" and self.backend != "torch":  # int8 calibrated on the corpus
+            kwargs["backend_kwargs"] = {"calibration_texts": sample_texts(self.calibration_file or self.corpus)}
         return BatchEncoder(self.model_name_or_path, batch_size=self.batch_size, precision=self.precision,
-                            backend=self.backend)
+                            backend=self.backend, **kwargs)
 
     def prepare_backend(self, model) -> None:
-        """Int8 on OpenVINO is calibrated here, once, on a sample of this corpus (or ``calibration_file``)
-        before any worker starts, and saved: every worker then loads the same int8 graph."""
-        from ..data.corpus import sample_texts
+        """Int8 on OpenVINO is quantised here, once, on the job's calibration sample before any worker
+        starts, and saved: every worker then loads the same int8 graph."""
         from ..models.accelerated import needs_calibration, prepare_backend
 
         if needs_calibration(model):
-            prepare_backend(model, sample_texts(self.calibration_file or self.corpus))
+            prepare_backend(model)
 
     def resolved(self) -> EncodeJob:
         """This job with absolute paths (corpus, output_dir, a local model folder), resolved here: for workers

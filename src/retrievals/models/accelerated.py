@@ -72,7 +72,8 @@ def eager_attention(backbone):
             backbone.set_attn_implementation(before)
 
 
-def configure(model, backend: Optional[str], options: Optional[Dict[str, Any]], source_dir: Optional[str]) -> bool:
+def configure(model, backend: Optional[str], options: Optional[Dict[str, Any]], source_dir: Optional[str],
+              quantization: Optional[str] = None) -> bool:
     """Record the backend on ``model``; returns whether int8 should be torch's dynamic quantisation."""
     options = dict(options or {})
     unknown = sorted(set(options) - set(BACKEND_OPTIONS))
@@ -83,10 +84,16 @@ def configure(model, backend: Optional[str], options: Optional[Dict[str, Any]], 
     model.source_dir = source_dir
     if model.backend == "openvino" and not is_available("openvino"):
         raise ImportError("backend='openvino' needs the openvino package: pip install 'retrievals[openvino]'")
-    int8_openvino = model.backend == "openvino" or (
-        model.backend == "auto" and is_available("openvino") and is_available("nncf"))
-    model.int8_backend = "openvino" if int8_openvino else "torch"
-    return not int8_openvino
+    model.int8_backend = "torch"
+    if quantization == "int8":
+        # under auto, OpenVINO's int8 when it has documents to calibrate on, or a saved int8 graph
+        ready = model.backend == "auto" and is_available("openvino") and is_available("nncf") and (
+            bool(options.get("calibration_texts")) or not needs_calibration(model, assume="openvino", quantization="int8"))
+        model.int8_backend = "openvino" if model.backend == "openvino" or ready else "torch"
+        if model.backend == "auto" and model.int8_backend == "torch" and is_available("openvino"):
+            logger.info("int8: torch's dynamic int8; OpenVINO's static int8 (faster, closer to fp32) needs documents "
+                        "to calibrate on: backend_kwargs={'calibration_texts': [...]} or --calibration_file")
+    return model.int8_backend == "torch"
 
 
 def _lock(model) -> threading.Lock:
@@ -128,12 +135,14 @@ def backend_runner(model, ids: Sequence[Sequence[int]]):
         return model.runner
 
 
-def needs_calibration(model) -> bool:
+def needs_calibration(model, assume: Optional[str] = None, quantization: Optional[str] = None) -> bool:
     """Whether the model's first encode would calibrate int8 on OpenVINO (no saved int8 graph to reuse)."""
     from ..backends import openvino as ov_backend
     from .fingerprint import model_fingerprint
 
-    if getattr(model, "quantization", None) != "int8" or model.int8_backend != "openvino" or model.__dict__.get("runner"):
+    int8_backend = assume or model.int8_backend
+    quantization = quantization or getattr(model, "quantization", None)
+    if quantization != "int8" or int8_backend != "openvino" or model.__dict__.get("runner"):
         return False
     fingerprint = model_fingerprint(model, with_variant=False)
     folder = export_folder("openvino", model.source_dir, fingerprint, model.backend_options.get("export_dir"))

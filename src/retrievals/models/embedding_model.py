@@ -110,13 +110,14 @@ class AutoModelForEmbedding(nn.Module):
         tokenizer.padding_side = config.padding_side
         chosen = precision or ("fp16" if use_fp16 else {True: "bf16", False: "fp32", None: "auto"}[use_bf16])
         model = cls(backbone, tokenizer, config, precision=chosen)
-        torch_int8 = configure_backend(model, backend, backend_kwargs, path if is_local else None)
         if quantization is None or quantization == "int8":
             model.to_device("cpu" if quantization == "int8" else device)
-        if quantization == "int8" and torch_int8:
-            quantize_int8(model)
-        model.quantization = quantization  # bitsandbytes weights stay where device_map put them
         model.weights_files = weights_files(path, is_local, kwargs)  # what its fingerprint hashes
+        model.loaded_weights_state = weights_state(backbone)
+        if configure_backend(model, backend, backend_kwargs, path if is_local else None, quantization) \
+                and quantization == "int8":
+            quantize_int8(model)  # torch's dynamic int8 (int8 on OpenVINO quantises its own graph)
+        model.quantization = quantization  # bitsandbytes weights stay where device_map put them
         model.loaded_weights_state = weights_state(backbone)  # changed in memory later: the fingerprint hashes memory
         return model
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from ..data.beir import load_beir
+from ..data.beir import corpus_file, load_beir
 from ..data.corpus import EMPTY_DOCUMENTS_HELP
 from ..data.sts import load_sts
 from ..evaluation.retrieval import evaluate_dims, evaluate_retrieval
@@ -61,7 +61,8 @@ def run_eval(args: EvalArguments) -> Dict[str, float]:
     pairs = load_sts(args.sts_file) if args.sts_file else None
     model = AutoModelForEmbedding.from_pretrained(
         args.model_name_or_path, pooling_method=args.pooling_method, max_length=args.max_length,
-        precision=args.precision, **backend_kwargs(args.backend, args.calibration_file),
+        precision=args.precision, **backend_kwargs(args.backend, args.calibration_file or (
+            corpus_file(args.data_dir) if str(args.precision).lower() == "int8" and args.data_dir else None)),
     )
     metrics: Dict[str, float] = {}
     if pairs is not None:
