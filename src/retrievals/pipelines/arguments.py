@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Optional
 
 import torch
 from transformers import TrainingArguments
@@ -166,17 +166,3 @@ class EmbedTrainingArguments(TrainingArguments):
                        "in fp32 (this CPU has no fast bf16 units)")
         self.fp16, self.bf16, self.use_cpu = False, fast, True
 
-
-BACKEND_HELP = ("Inference backend: auto (the fastest near-lossless one on this CPU, measured once and cached), "
-                "torch, or openvino (pip install 'retrievals[openvino]'); see docs/speed.md")
-CALIBRATION_HELP = ("Documents (JSONL/Parquet corpus) to calibrate int8 on OpenVINO (--quantization int8): a seeded "
-                    "sample of them; default: a sample of the texts first encoded, or a saved int8 export")
-
-
-def backend_kwargs(backend: Optional[str], calibration_file: Optional[str] = None) -> Dict[str, Any]:
-    """``from_pretrained`` keyword arguments of the ``--backend`` / ``--calibration_file`` flags (int8 is
-    calibrated on a seeded sample of the file's documents, as the encode job does on its corpus)."""
-    from ..data.corpus import sample_texts
-
-    options = {"calibration_texts": sample_texts(calibration_file)} if calibration_file else {}
-    return {"backend": backend, **({"backend_kwargs": options} if options else {})}

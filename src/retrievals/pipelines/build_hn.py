@@ -36,7 +36,8 @@ from ..mining.false_negatives import FalseNegativeFilter
 from ..mining.hard_negatives import PoolDocument, mine_hard_negatives, parse_range
 from ..mining.teacher import load_teacher, score_records
 from ..models.embedding_model import AutoModelForEmbedding
-from .arguments import BACKEND_HELP, CALIBRATION_HELP, backend_kwargs, unescape
+from .arguments import unescape
+from .backend_flags import BACKEND_HELP, CALIBRATION_HELP, backend_kwargs
 from .cli import run_cli
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from ..data.corpus import EMPTY_DOCUMENTS_HELP, CorpusOptions
 from ..index.encode import encode_to_shards
 from ..index.encode_job import EncodeJob
 from ..index.manifest import VectorsManifest
-from .arguments import BACKEND_HELP, CALIBRATION_HELP
+from .backend_flags import BACKEND_HELP, CALIBRATION_HELP
 from .cli import run_cli
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from ..evaluation.retrieval import evaluate_dims, evaluate_retrieval
 from ..evaluation.sts import evaluate_sts
 from ..losses.matryoshka import parse_dims
 from ..models.embedding_model import AutoModelForEmbedding
-from .arguments import BACKEND_HELP, CALIBRATION_HELP, backend_kwargs
+from .backend_flags import BACKEND_HELP, CALIBRATION_HELP, backend_kwargs
 from .cli import run_cli
 
 logger = logging.getLogger(__name__)

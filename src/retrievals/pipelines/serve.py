@@ -23,7 +23,7 @@ from functools import partial
 from typing import List, Optional
 
 from ..models.embedding_model import AutoModelForEmbedding
-from .arguments import BACKEND_HELP, CALIBRATION_HELP, backend_kwargs
+from .backend_flags import BACKEND_HELP, CALIBRATION_HELP, backend_kwargs
 from .cli import run_cli
 
 logger = logging.getLogger(__name__)
