@@ -10,7 +10,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv system-deps demo eval test test-fast lint docs bench bench-serve clean
+.PHONY: venv system-deps demo eval test test-fast lint docs bench bench-peers bench-serve clean
 
 venv: $(VENV)/.installed
 
@@ -55,6 +55,11 @@ docs: venv
 
 bench: venv
 	$(PY) benchmarks/encode.py --data_dir $(DATA_DIR)/scifact
+
+# sentence-transformers' torch / OpenVINO / ONNX backends and ours in one run (docs/speed.md); the peers'
+# environments are made under .peers-venv/ on first use.
+bench-peers: venv
+	$(PY) benchmarks/peers.py --data_dir $(DATA_DIR)/scifact
 
 bench-serve: venv
 	$(PY) benchmarks/serve.py --data_dir $(DATA_DIR)/scifact

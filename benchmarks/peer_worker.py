@@ -46,7 +46,8 @@ def peer_model(variant: str, model_dir: str, work: str, calibration: list, vnni:
             f.writelines(json.dumps({"text": t}) + "\n" for t in calibration)
         model = SentenceTransformer(copy, device="cpu", backend="openvino")
         export_static_quantized_openvino_model(model, OVQuantizationConfig(num_samples=len(calibration)), copy,
-                                               dataset_name=data, dataset_split="train", column_name="text")
+                                               dataset_name=data, dataset_config_name="default", dataset_split="train",
+                                               column_name="text")
         return SentenceTransformer(copy, device="cpu", backend="openvino",
                                    model_kwargs={"file_name": "openvino/openvino_model_qint8_quantized.xml"})
     if variant == "st_onnx_o3":

@@ -26,7 +26,8 @@ import sys
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VENVS = {"openvino": "optimum-intel[openvino]==2.2.0", "onnx": "optimum-onnx[onnxruntime]==0.1.0"}
+VENVS = {"openvino": ["optimum-intel[openvino]==2.2.0", "datasets==5.0.1", "huggingface_hub<1.0"],
+         "onnx": ["optimum-onnx[onnxruntime]==0.1.0"]}
 PEER_PINS = ["sentence-transformers==5.7.0", "transformers==4.57.*", "torch==2.13.0"]
 # variant -> (environment, label); the reference row first
 VARIANTS = {
@@ -70,7 +71,7 @@ def ensure_venv(root: str, kind: str) -> str:
     subprocess.run([sys.executable, "-m", "venv", folder], check=True)
     pip = [python, "-m", "pip", "install", "-q"]
     subprocess.run(pip + ["torch==2.13.0"], check=True)
-    subprocess.run(pip + PEER_PINS + [VENVS[kind]], check=True)
+    subprocess.run(pip + PEER_PINS + VENVS[kind], check=True)
     subprocess.run([python, "-m", "pip", "uninstall", "-y", "-q", "torchvision"], check=False)  # breaks beside torch 2.13
     return python
 

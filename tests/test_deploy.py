@@ -142,7 +142,7 @@ def test_two_replicas_behind_haproxy_lose_nothing_when_one_stops(tiny_bert_dir, 
     with contextlib.ExitStack() as stack:  # every process is stopped, however the test ends
         logs = [stack.enter_context(open(tmp_path / f"replica{i}.log", "w")) for i in (1, 2)]
         replicas = [stack.enter_context(served(tiny_bert_dir, p, *extra, log=log))
-                    for p, log, extra in zip(ports, logs, [(), ("--max_batch_size", "4")])]
+                    for p, log, extra in zip(ports, logs, [(), ("--max_batch_size", "4", "--backend", "torch")])]
         stack.enter_context(running(["haproxy", "-db", "-f", os.path.join(DEPLOY, "haproxy", "haproxy.cfg")], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_healthy(lb)
@@ -168,7 +168,8 @@ def test_two_replicas_behind_haproxy_lose_nothing_when_one_stops(tiny_bert_dir, 
             time.sleep(0.01)
         stopped_url = f"http://127.0.0.1:{ports[1]}"
         before_stop = gauge(stopped_url, "retrievals_embeddings_total")
-        # a long request straight to the replica (batches of 4), admitted before SIGTERM: it must still be answered
+        # a long request straight to the replica (batches of 4, on torch: slow enough to be seen in flight),
+        # admitted before SIGTERM: it must still be answered
         long_texts = texts_for(99, 256)
         in_flight = {}
 

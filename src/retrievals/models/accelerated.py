@@ -110,7 +110,7 @@ def backend_runner(model, ids: Sequence[Sequence[int]]):
     backend = getattr(model, "backend", "auto")
     quantization = getattr(model, "quantization", None)
     if backend == "torch" or model.device.type != "cpu" or model.training or is_peft_model(model.model) \
-            or quantization not in (None, "int8") or (quantization == "int8" and model.int8_backend == "torch"):
+            or quantization not in (None, "int8") or (quantization == "int8" and model.int8_backend != "openvino"):
         return None
     if backend == "auto" and quantization is None and not is_available("openvino"):
         return None
