@@ -104,7 +104,7 @@ def main() -> None:
             return model.encode(texts, batch_size=args.batch_size, is_query=is_query)
         return model.encode(texts, batch_size=args.batch_size, normalize_embeddings=True)
 
-    encode(sets["short"][:64], True)  # warm-up (and, for ours_auto, the backend choice or its cache)
+    encode(sets["short"][:300], True)  # warm-up, and for ours_auto the backend choice (>= 256 texts) or its cache
     print(json.dumps({"ready": round(time.perf_counter() - start, 2)}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
