@@ -74,7 +74,7 @@ def our_model(variant: str, model_dir: str, work: str, calibration: list):
     if variant == "ours_openvino":
         return AutoModelForEmbedding.from_pretrained(model_dir, backend="openvino", backend_kwargs=export)
     if variant == "ours_auto":
-        return AutoModelForEmbedding.from_pretrained(model_dir)
+        return AutoModelForEmbedding.from_pretrained(model_dir, backend="auto")
     if variant == "ours_int8":
         return AutoModelForEmbedding.from_pretrained(model_dir, precision="int8", backend="openvino",
                                                      backend_kwargs={**export, "calibration_texts": calibration})

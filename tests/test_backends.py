@@ -87,7 +87,7 @@ def test_int8_is_calibrated_on_the_documents_and_reloads_with_identical_vectors(
     again = AutoModelForEmbedding.from_pretrained(minilm_dir, quantization="int8", backend="openvino",
                                                   backend_kwargs={"export_dir": str(tmp_path / "ov")})
     assert np.array_equal(again.encode(docs[64:]), vectors)
-    auto = AutoModelForEmbedding.from_pretrained(minilm_dir, quantization="int8",  # auto finds the saved int8 graph
+    auto = AutoModelForEmbedding.from_pretrained(minilm_dir, quantization="int8", backend="auto",  # finds the saved graph
                                                  backend_kwargs={"export_dir": str(tmp_path / "ov")})
     assert auto.int8_backend == "openvino" and np.array_equal(auto.encode(docs[64:]), vectors)
     assert model_fingerprint(again) == model_fingerprint(first) != model_fingerprint(
@@ -100,11 +100,11 @@ def test_int8_without_documents_to_calibrate_on(tiny_bert_dir, tmp_path):
                                                   backend_kwargs={"export_dir": str(tmp_path / "ov")})
     with pytest.raises(ValueError, match="calibrated on your documents.*calibration_texts.*this one has 3"):
         model.encode(_texts(3))
-    auto = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, quantization="int8",
+    auto = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, quantization="int8", backend="auto",
                                                  backend_kwargs={"export_dir": str(tmp_path / "ov")})
     assert auto.int8_backend == "torch" and auto.encode(_texts(3)).shape == (3, 32)
     assert auto.__dict__.get("runner") is None and model_fingerprint(auto) != model_fingerprint(model)
-    calibrated = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, quantization="int8", backend_kwargs={
+    calibrated = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, quantization="int8", backend="auto", backend_kwargs={
         "export_dir": str(tmp_path / "ov"), "calibration_texts": _texts(40)})
     assert calibrated.int8_backend == "openvino" and calibrated.encode(_texts(3)).shape == (3, 32)
     assert isinstance(calibrated.runner, ov_backend.OpenVINORunner)
@@ -128,7 +128,7 @@ def test_the_export_follows_the_weights_on_disk_and_in_memory(tiny_bert_dir, tmp
 
 def test_auto_measures_once_caches_the_choice_and_stays_on_torch_while_training(tiny_bert_dir, cache, monkeypatch):
     texts = _texts(300)
-    model = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, precision="fp32")
+    model = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, precision="fp32", backend="auto")
     model.encode(texts[:10])  # too few texts to measure anything: torch, undecided
     assert model.__dict__.get("backend_choice") is None
     model.encode(texts)
@@ -138,7 +138,7 @@ def test_auto_measures_once_caches_the_choice_and_stays_on_torch_while_training(
     assert record["min_cosine"]["openvino"] >= 0.999 and model.backend_choice == record["choice"]
 
     monkeypatch.setattr(auto_choice, "measure", lambda *a, **k: pytest.fail("measured twice"))
-    second = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, precision="fp32")
+    second = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, precision="fp32", backend="auto")
     second.encode(texts[:5])  # the cached choice applies at once, even to a small call
     assert second.backend_choice == record["choice"]
     with torch.no_grad():

@@ -5,7 +5,8 @@
   the model and reused; fp32 or bf16 inference hint by ``precision``, or int8 static quantization
   (``quantization="int8"``) calibrated on the user's own documents. Several inference streams share the
   cores. Needs the ``openvino`` extra (and ``nncf`` for int8), imported only when asked for.
-- ``auto`` (the default): the fastest near-lossless backend for the CPU it runs on, measured once per
+- ``auto`` (opt-in; ``torch`` stays the default until ``auto`` has run a whole test suite beside training
+  jobs without a worker crash, see docs/speed.md): the fastest near-lossless backend for the CPU it runs on, measured once per
   model architecture and CPU, the choice cached on disk.
 
 This package sits below :mod:`retrievals.models`: it sees a model only as a ``torch.nn.Module`` and token
@@ -23,11 +24,12 @@ BACKENDS: Dict[str, str] = {
     "auto": "the fastest near-lossless backend on this CPU, measured once and cached",
 }
 EXTRAS: Dict[str, str] = {"openvino": "openvino", "nncf": "nncf"}
+DEFAULT_BACKEND = "torch"
 
 
 def canonical_backend(name) -> str:
     """The backend's registry name; an unknown name lists the valid ones."""
-    key = "auto" if name is None else str(name).strip().lower()
+    key = DEFAULT_BACKEND if name is None else str(name).strip().lower()
     if key not in BACKENDS:
         raise ValueError(f"Unknown backend {name!r}; valid backends are: {', '.join(BACKENDS)}")
     return key

@@ -89,7 +89,7 @@ class EncodeJob:
         from ..data.corpus import sample_texts
 
         kwargs = {}
-        if str(self.precision or "").lower() == "int8" and self.backend != "torch":  # int8 calibrated on the corpus
+        if str(self.precision or "").lower() == "int8" and self.backend not in (None, "torch"):  # calibrated on the corpus
             kwargs["backend_kwargs"] = {"calibration_texts": sample_texts(self.calibration_file or self.corpus)}
         return BatchEncoder(self.model_name_or_path, batch_size=self.batch_size, precision=self.precision,
                             backend=self.backend, **kwargs)

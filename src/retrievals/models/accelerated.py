@@ -107,7 +107,7 @@ def backend_runner(model, ids: Sequence[Sequence[int]]):
     """The runner for this call, or None for the torch forward."""
     from .lora import is_peft_model
 
-    backend = getattr(model, "backend", "auto")
+    backend = getattr(model, "backend", "torch")
     quantization = getattr(model, "quantization", None)
     if backend == "torch" or model.device.type != "cpu" or model.training or is_peft_model(model.model) \
             or quantization not in (None, "int8") or (quantization == "int8" and model.int8_backend != "openvino"):

@@ -48,7 +48,7 @@ class AutoModelForEmbedding(nn.Module):
         self.pooling = Pooling(config.pooling_method)
         self.precision = canonical_precision(precision)
         self._accepts_position_ids: Optional[bool] = None
-        configure_backend(self, "auto", None, None)  # from_pretrained sets the user's backend
+        configure_backend(self, None, None, None)  # the default backend; from_pretrained sets the user's
         self.train(backbone.training)  # transformers loads in eval mode; keep it
 
     # ------------------------------------------------------------------ loading

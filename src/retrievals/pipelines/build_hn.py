@@ -50,7 +50,7 @@ class BuildHNArguments:
     model_name_or_path: Optional[str] = field(default=None, metadata={
         "help": "Embedding model that mines (its saved pooling/instructions are used); not needed with --score_only"})
     query_key: str = field(default="query")
-    backend: str = field(default="auto", metadata={"help": BACKEND_HELP})
+    backend: Optional[str] = field(default=None, metadata={"help": BACKEND_HELP})
     calibration_file: Optional[str] = field(default=None, metadata={"help": CALIBRATION_HELP})
     positive_key: str = field(default="positive")
     negative_key: str = field(default="negative")

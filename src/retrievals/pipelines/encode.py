@@ -39,7 +39,7 @@ class EncodeArguments:
     dtype: str = field(default="float32", metadata={"help": "Stored form: float32, int8 or binary"})
     store_text: bool = field(default=False, metadata={"help": "Keep each document's text in the shards"})
     precision: Optional[str] = field(default=None, metadata={"help": "auto (bf16 where fast), fp32, bf16, fp16, int8"})
-    backend: str = field(default="auto", metadata={"help": BACKEND_HELP})
+    backend: Optional[str] = field(default=None, metadata={"help": BACKEND_HELP})
     calibration_file: Optional[str] = field(default=None, metadata={"help": CALIBRATION_HELP})
     id_key: str = field(default="_id")
     text_key: str = field(default="text")

@@ -37,7 +37,7 @@ class EvalArguments:
     batch_size: int = field(default=32)
     top_k: int = field(default=100)
     precision: str = field(default="auto", metadata={"help": "auto (bf16 where fast), fp32, bf16, fp16 or int8"})
-    backend: str = field(default="auto", metadata={"help": BACKEND_HELP})
+    backend: Optional[str] = field(default=None, metadata={"help": BACKEND_HELP})
     calibration_file: Optional[str] = field(default=None, metadata={"help": CALIBRATION_HELP})
     num_examples: int = field(default=3, metadata={"help": "Example queries to print with their top hits"})
     output_file: Optional[str] = field(default=None, metadata={"help": "Write the metrics as JSON here"})

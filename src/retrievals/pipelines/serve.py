@@ -35,7 +35,7 @@ class ServeArguments:
     host: str = field(default="127.0.0.1", metadata={"help": "Interface to bind (0.0.0.0 exposes it to the network)"})
     port: int = field(default=8000)
     precision: str = field(default="auto", metadata={"help": "auto (bf16 where fast), fp32, bf16, fp16 or int8"})
-    backend: str = field(default="auto", metadata={"help": BACKEND_HELP})
+    backend: Optional[str] = field(default=None, metadata={"help": BACKEND_HELP})
     calibration_file: Optional[str] = field(default=None, metadata={"help": CALIBRATION_HELP})
     device: Optional[str] = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: CUDA if available)"})
     allow_pickle: bool = field(default=False, metadata={"help": "Allow pickle (*.bin) weights; they can run code"})
