@@ -41,7 +41,7 @@ VARIANTS = {
     "st_onnx_int8": ("onnx", "sentence-transformers ONNX dynamic int8"),
     "ours_torch": ("ours", "retrievals backend=torch (bf16 autocast where fast)"),
     "ours_openvino": ("ours", "retrievals backend=openvino"),
-    "ours_auto": ("ours", "retrievals default (backend=auto)"),
+    "ours_auto": ("ours", "retrievals backend=auto"),
     "ours_int8": ("ours", "retrievals --precision int8 (OpenVINO static int8)"),
 }
 INT8 = ("st_openvino_int8", "st_onnx_int8", "ours_int8")
