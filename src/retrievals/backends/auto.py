@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
-from .store import cache_dir
+from .store import cache_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +44,7 @@ def save_choice(key: str, record: Dict[str, Any]) -> None:
     table[key] = record
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(table, f, indent=2)
-        os.replace(tmp, path)
+        write_json_atomic(path, table)
     except OSError as e:
         logger.info("backend choice not cached (%s): it will be measured again next time", e)
 

@@ -43,12 +43,20 @@ def read_record(folder: str) -> Dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
+def write_json_atomic(path: str, data: Dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``: readers see the old file
+    or the new one, never half of one. The package's one JSON writer for caches and manifests."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_record(folder: str, record: Dict[str, Any]) -> None:
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"{EXPORT_FILE}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, os.path.join(folder, EXPORT_FILE))
+    write_json_atomic(os.path.join(folder, EXPORT_FILE), record)
 
 
 @contextlib.contextmanager

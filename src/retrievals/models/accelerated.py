@@ -264,16 +264,11 @@ def _int8_graph(model, ids, folder: str, record: Dict[str, Any], graph: str) -> 
 
 
 def pad_numpy(sequences: Sequence[Sequence[int]], model) -> Dict[str, np.ndarray]:
-    """``input_ids`` / ``attention_mask`` int64 arrays padded on the model's side."""
-    longest = max(len(s) for s in sequences)
-    input_ids = np.full((len(sequences), longest), model.tokenizer.pad_token_id or 0, dtype=np.int64)
-    mask = np.zeros((len(sequences), longest), dtype=np.int64)
-    left = model.embedding_config.padding_side == "left"
-    for row, seq in enumerate(sequences):
-        span = slice(longest - len(seq), longest) if left else slice(0, len(seq))
-        input_ids[row, span] = seq
-        mask[row, span] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
+    """``input_ids`` / ``attention_mask`` int64 arrays padded on the model's side (:func:`pad_batch`)."""
+    from .tokenization import pad_batch
+
+    padded = pad_batch(sequences, model.tokenizer.pad_token_id or 0, model.embedding_config.padding_side)
+    return {name: tensor.numpy() for name, tensor in padded.items()}
 
 
 def run(model, runner, ids: Sequence[Sequence[int]], out: np.ndarray,

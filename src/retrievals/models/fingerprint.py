@@ -10,18 +10,9 @@ import logging
 import os
 from typing import Any, Dict
 
+from ..backends.store import cache_dir, write_json_atomic
+
 logger = logging.getLogger(__name__)
-
-
-def write_json_atomic(path: str, data: Dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``: readers see the old file
-    or the new one, never half of one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def file_sha256(path: str) -> str:
@@ -39,10 +30,8 @@ _CACHE_FILE = "weights-sha256.json"
 
 
 def _cache_path() -> str:
-    """Where the file hashes outlive the process: ``$RETRIEVALS_CACHE_DIR``, else ``~/.cache/retrievals``."""
-    folder = os.environ.get("RETRIEVALS_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "retrievals")
-    return os.path.join(folder, _CACHE_FILE)
+    """Where the file hashes outlive the process: the package's cache folder (``$RETRIEVALS_CACHE_DIR``)."""
+    return os.path.join(cache_dir(), _CACHE_FILE)
 
 
 def cached_file_sha256(path: str) -> str:
