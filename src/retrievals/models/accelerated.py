@@ -274,10 +274,11 @@ def pad_numpy(sequences: Sequence[Sequence[int]], model) -> Dict[str, np.ndarray
 def run(model, runner, ids: Sequence[Sequence[int]], out: np.ndarray,
         batches: Optional[List[List[int]]] = None) -> np.ndarray:
     """Pooled vectors of ``ids`` into ``out`` through ``runner`` (batches: the model's token-budget ones)."""
-    from .tokenization import DEFAULT_CPU_BATCH_TOKENS, length_sorted_batches
+    from .tokenization import DEFAULT_CPU_BATCH_TOKENS, length_sorted_batches, spread_batches
 
     if batches is None:
         batches = list(length_sorted_batches([len(x) for x in ids], 32, DEFAULT_CPU_BATCH_TOKENS))
+    batches = spread_batches(batches, getattr(runner, "requests", 1))
 
     def inputs():
         for batch in batches:

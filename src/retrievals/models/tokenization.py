@@ -151,3 +151,17 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: O
             size = max(1, min(batch_size, max_tokens // max(1, lengths[order[start]])))
         yield order[start:start + size]
         start += size
+
+
+def spread_batches(batches: Sequence[Sequence[int]], parts: int, min_size: int = 2) -> List[List[int]]:
+    """Split the largest batches in halves until there are ``parts`` of them (or none of at least
+    ``2 * min_size`` texts is left), so that each of ``parts`` inference streams gets work: a server's
+    one batch of 32 short texts would otherwise run on one stream while the others idle."""
+    out = [list(b) for b in batches]
+    while out and len(out) < parts:
+        i = max(range(len(out)), key=lambda j: len(out[j]))
+        if len(out[i]) < 2 * min_size:
+            break
+        half = len(out[i]) // 2
+        out[i:i + 1] = [out[i][:half], out[i][half:]]
+    return out
