@@ -70,9 +70,29 @@ def infinity_venv(venv: str) -> str:
     return venv
 
 
-def start_server(cmd: List[str], port: int) -> subprocess.Popen:
+ONNX_EXPORT = """
+import os, shutil, sys
+from optimum.onnxruntime import ORTModelForFeatureExtraction
+src, out = sys.argv[1], sys.argv[2]
+shutil.copytree(src, out, ignore=shutil.ignore_patterns("openvino", "onnx", "model.safetensors"))
+ORTModelForFeatureExtraction.from_pretrained(src, export=True).save_pretrained(out)
+"""
+
+
+def onnx_copy(venv: str, model_dir: str, out: str) -> str:
+    """The model folder with an ONNX export beside it (infinity's optimum engine reads only ONNX files)."""
+    if not os.path.exists(os.path.join(out, "model.onnx")):
+        if os.path.exists(out):
+            import shutil
+
+            shutil.rmtree(out)
+        subprocess.run([os.path.join(venv, "bin", "python"), "-c", ONNX_EXPORT, model_dir, out], check=True)
+    return out
+
+
+def start_server(cmd: List[str], port: int, cwd: Optional[str] = None) -> subprocess.Popen:
     # its own process group: stop_server takes its workers down with it, whatever happens here
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, start_new_session=True)
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, start_new_session=True, cwd=cwd)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -202,7 +222,14 @@ def run_row(args, kind: str, flags, texts: List[str]) -> Dict[str, float]:
         proc = start_server(ours(args.model_dir, port, ["--precision", args.precision, *flags]), port)
         path = OUR_PATH
     else:
-        proc = start_server(infinity(args.infinity_venv, args.model_dir, port, flags, args.infinity_batch_size), port)
+        model_dir, cwd = args.model_dir, None
+        if flags == "optimum":
+            # infinity 0.0.78 passes the ONNX file's path with the folder in front to optimum, which wants a
+            # bare file name: served from inside the folder as "." it is one
+            cwd = onnx_copy(args.infinity_venv, args.model_dir, os.path.abspath(os.path.join(args.tmp, "model-onnx")))
+            model_dir = "."
+        venv = os.path.abspath(args.infinity_venv)
+        proc = start_server(infinity(venv, model_dir, port, flags, args.infinity_batch_size), port, cwd)
         path = INFINITY_PATH
     try:
         # /metrics is ours and per process: with several workers it counts only the one that answers
@@ -236,6 +263,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--infinity_engines", default="torch", help="comma-separated infinity --engine rows")
     parser.add_argument("--infinity_batch_size", type=int, default=32, help="infinity's --batch-size (its default)")
     parser.add_argument("--infinity_venv", default=".peers-venv/infinity")
+    parser.add_argument("--tmp", default="outputs/serve_bench", help="the ONNX copy of the model for infinity's optimum engine")
     parser.add_argument("--our_flags", nargs="*", default=[], help="more flags for our server, e.g. --max_wait_ms 5")
     parser.add_argument("--json", default=None, help="also write the per-round results here")
     args = parser.parse_args(argv)

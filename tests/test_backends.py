@@ -182,12 +182,35 @@ def test_many_threads_share_one_openvino_model(tiny_bert_dir, tmp_path):
     assert not errors and len(results) == 8
 
 
+def test_auto_is_the_default_but_not_for_training_pipelines_or_very_large_models(tiny_bert_dir, tmp_path, monkeypatch):
+    from retrievals.models import accelerated
+    from retrievals.pipelines.arguments import ModelArguments
+    from retrievals.pipelines.embed import load_model
+    from retrievals.pipelines.finetune_beir import FinetuneArguments, load_base
+
+    monkeypatch.delenv("RETRIEVALS_BACKEND", raising=False)
+    model = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, precision="fp32")
+    assert model.backend == "auto"
+    monkeypatch.setenv("RETRIEVALS_BACKEND", "auto")  # the training pipelines stay on torch whatever the default
+    assert load_model(ModelArguments(model_name_or_path=tiny_bert_dir)).backend == "torch"
+    assert load_base(FinetuneArguments(model_name_or_path=tiny_bert_dir, data_dir=str(tmp_path),
+                                       output_dir=str(tmp_path / "o"))).backend == "torch"
+    # above AUTO_MAX_PARAMETERS auto exports nothing and measures nothing: torch
+    monkeypatch.setattr(accelerated, "AUTO_MAX_PARAMETERS", 1000)
+    model.backend_options = {"export_dir": str(tmp_path / "ov")}
+    texts = _texts(accelerated.AUTO_MIN_TEXTS + 8)
+    reference = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, precision="fp32", backend="torch").encode(texts)
+    assert np.array_equal(model.encode(texts), reference)
+    assert model.__dict__.get("runner") is None and not (tmp_path / "ov").exists()
+
+
 def test_one_batch_is_split_over_the_streams_with_unchanged_vectors(tiny_bert_dir, tmp_path, monkeypatch):
     # a server's one batch of short texts ran on one stream while the other idled
     monkeypatch.setenv("RETRIEVALS_OV_STREAMS", "2")
     model = AutoModelForEmbedding.from_pretrained(tiny_bert_dir, backend="openvino", precision="fp32",
                                                   backend_kwargs={"export_dir": str(tmp_path / "ov")})
-    texts = _texts(24, seed=3)
+    rng = np.random.default_rng(3)
+    texts = [" ".join(rng.choice(WORDS, size=20)) for _ in range(24)]  # one length: one batch before the split
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the runner takes torch's thread count (one under `make test`), one per stream
     try:

@@ -88,11 +88,24 @@ def test_length_sorted_batches_respect_limits():
     assert list(length_sorted_batches([500], batch_size=4, max_tokens=100)) == [[0]]
 
 
+def test_min_fill_keeps_short_texts_out_of_long_batches():
+    lengths = [256, 20, 240, 18, 25, 130, 22]
+    assert list(length_sorted_batches(lengths, batch_size=32, max_tokens=4096)) == [[0, 2, 5, 4, 6, 1, 3]]
+    assert list(length_sorted_batches(lengths, 32, 4096, min_fill=0.5)) == [[0, 2, 5], [4, 6, 1, 3]]
+    assert list(length_sorted_batches(lengths, 2, 4096, min_fill=0.5)) == [[0, 2], [5], [4, 6], [1, 3]]
+
+
 def test_spread_batches_gives_every_stream_work_and_keeps_every_text_once():
-    assert spread_batches([[0, 1, 2, 3, 4, 5, 6, 7, 8]], 2) == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
-    assert spread_batches([[0, 1, 2, 3, 4, 5, 6, 7], [8, 9]], 4) == [[0, 1], [2, 3], [4, 5, 6, 7], [8, 9]]
+    # dealt out alternately: a batch sorted by length gives each stream as many long texts
+    assert spread_batches([[0, 1, 2, 3, 4, 5, 6, 7, 8]], 2) == [[0, 2, 4, 6, 8], [1, 3, 5, 7]]
+    # then split on while one costs more than 1.5 shares (10 texts / 4 streams)
+    assert spread_batches([[0, 1, 2, 3, 4, 5, 6, 7], [8, 9]], 4) == [[0, 4], [2, 6], [1, 5], [3, 7], [8, 9]]
     assert spread_batches([[0, 1, 2]], 4) == [[0, 1, 2]]  # too small to halve (min_size 2)
     assert spread_batches([[5, 6], [7]], 1) == [[5, 6], [7]] and spread_batches([], 4) == []
+    # by padded tokens: 5 abstracts (5 x 256) against 11 queries (11 x 30) on 2 streams -> the abstracts split
+    lengths = [256] * 5 + [30] * 11
+    got = spread_batches([[0, 1, 2, 3, 4], list(range(5, 16))], 2, lengths)
+    assert got == [[0, 2, 4], [1, 3], list(range(5, 16))]
 
 
 def test_instructions_only_on_their_side(tiny_bert_dir):

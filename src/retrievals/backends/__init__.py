@@ -5,9 +5,11 @@
   the model and reused; fp32 or bf16 inference hint by ``precision``, or int8 static quantization
   (``quantization="int8"``) calibrated on the user's own documents. Several inference streams share the
   cores. Needs the ``openvino`` extra (and ``nncf`` for int8), imported only when asked for.
-- ``auto`` (opt-in; ``torch`` stays the default until ``auto`` has run a whole test suite beside training
-  jobs without a worker crash, see docs/speed.md): the fastest near-lossless backend for the CPU it runs on, measured once per
-  model architecture and CPU, the choice cached on disk.
+- ``auto`` (the default): the fastest near-lossless backend for the CPU it runs on, measured once per model
+  architecture and CPU, the choice cached on disk; models above ``AUTO_MAX_PARAMETERS`` stay on torch (an
+  export of a multi-billion-parameter LLM costs minutes and gigabytes: ask for ``openvino`` by name). The
+  training pipelines load their models with ``torch`` (see docs/speed.md); ``RETRIEVALS_BACKEND`` sets the
+  default for a process.
 
 This package sits below :mod:`retrievals.models`: it sees a model only as a ``torch.nn.Module`` and token
 ids, so every export is keyed by the fingerprint its caller computes.
@@ -24,7 +26,8 @@ BACKENDS: Dict[str, str] = {
     "auto": "the fastest near-lossless backend on this CPU, measured once and cached",
 }
 EXTRAS: Dict[str, str] = {"openvino": "openvino", "nncf": "nncf"}
-DEFAULT_BACKEND = "torch"
+DEFAULT_BACKEND = "auto"
+AUTO_MAX_PARAMETERS = 600_000_000  # larger models stay on torch under auto
 
 
 def canonical_backend(name) -> str:

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backends import AUTO_MAX_PARAMETERS, canonical_backend, is_available
 from ..backends import auto as auto_choice
-from ..backends import canonical_backend, is_available
 from ..backends.store import export_folder, locked, read_record, write_record
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ def backend_runner(model, ids: Sequence[Sequence[int]]):
     if backend == "torch" or model.device.type != "cpu" or model.training or is_peft_model(model.model) \
             or quantization not in (None, "int8") or (quantization == "int8" and model.int8_backend != "openvino"):
         return None
-    if backend == "auto" and quantization is None and not is_available("openvino"):
+    if backend == "auto" and quantization is None and (
+            not is_available("openvino") or sum(p.numel() for p in model.model.parameters()) > AUTO_MAX_PARAMETERS):
         return None
     from .loading import weights_state
 
@@ -274,11 +275,11 @@ def pad_numpy(sequences: Sequence[Sequence[int]], model) -> Dict[str, np.ndarray
 def run(model, runner, ids: Sequence[Sequence[int]], out: np.ndarray,
         batches: Optional[List[List[int]]] = None) -> np.ndarray:
     """Pooled vectors of ``ids`` into ``out`` through ``runner`` (batches: the model's token-budget ones)."""
-    from .tokenization import DEFAULT_CPU_BATCH_TOKENS, length_sorted_batches, spread_batches
+    from .tokenization import DEFAULT_CPU_BATCH_TOKENS, MIN_FILL, length_sorted_batches, spread_batches
 
     if batches is None:
-        batches = list(length_sorted_batches([len(x) for x in ids], 32, DEFAULT_CPU_BATCH_TOKENS))
-    batches = spread_batches(batches, getattr(runner, "requests", 1))
+        batches = list(length_sorted_batches([len(x) for x in ids], 32, DEFAULT_CPU_BATCH_TOKENS, MIN_FILL))
+    batches = spread_batches(batches, getattr(runner, "requests", 1), [len(x) for x in ids])
 
     def inputs():
         for batch in batches:

@@ -29,7 +29,7 @@ from .loading import (
 from .pooling import Pooling
 from .precision import autocast_context, canonical_precision, resolve_precision
 from .similarity import similarity
-from .tokenization import DEFAULT_CPU_BATCH_TOKENS, check_texts, length_sorted_batches, pad_batch, tokenize_texts  # noqa: F401  (length_sorted_batches: imported from here by users)
+from .tokenization import DEFAULT_CPU_BATCH_TOKENS, MIN_FILL, check_texts, length_sorted_batches, pad_batch, tokenize_texts  # noqa: F401  (length_sorted_batches: imported from here by users)
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class AutoModelForEmbedding(nn.Module):
             return out
         if max_batch_tokens is None and device.type == "cpu":
             max_batch_tokens = DEFAULT_CPU_BATCH_TOKENS
-        batches = list(length_sorted_batches([len(x) for x in ids], batch_size, max_batch_tokens))
+        batches = list(length_sorted_batches([len(x) for x in ids], batch_size, max_batch_tokens, MIN_FILL))
         forced = backend == "torch" or (precision is not None and canonical_precision(precision) != self.precision)
         runner = None if forced else backend_runner(self, ids)
         if runner is not None:

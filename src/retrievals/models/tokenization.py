@@ -27,6 +27,7 @@ __all__ = ["TokenizedTexts", "tokenize_texts", "pad_batch", "check_texts", "toke
 
 # Tokens per forward batch on CPU: smaller batches of long texts stay in cache (measured ~15% faster).
 DEFAULT_CPU_BATCH_TOKENS = 4096
+MIN_FILL = 0.5  # inference batches: a text under half its batch's longest starts a new batch
 
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -140,28 +141,46 @@ def pad_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: Optional[int]) -> Iterator[List[int]]:
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: Optional[int],
+                          min_fill: Optional[float] = None) -> Iterator[List[int]]:
     """Yield index batches, longest texts first, of at most ``batch_size`` items and ``max_tokens``
-    padded tokens (a single text longer than ``max_tokens`` still forms its own batch)."""
+    padded tokens (a single text longer than ``max_tokens`` still forms its own batch). With ``min_fill``,
+    a text shorter than ``min_fill`` x its batch's longest starts a new batch: a server's batch of a few
+    abstracts and many short queries would otherwise pad every query to an abstract's length."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     start = 0
     while start < len(order):
+        longest = lengths[order[start]]
         size = batch_size
         if max_tokens:
-            size = max(1, min(batch_size, max_tokens // max(1, lengths[order[start]])))
-        yield order[start:start + size]
-        start += size
+            size = max(1, min(batch_size, max_tokens // max(1, longest)))
+        end = min(start + size, len(order))
+        if min_fill:
+            cut = start + 1
+            while cut < end and lengths[order[cut]] >= min_fill * longest:
+                cut += 1
+            end = cut
+        yield order[start:end]
+        start = end
 
 
-def spread_batches(batches: Sequence[Sequence[int]], parts: int, min_size: int = 2) -> List[List[int]]:
-    """Split the largest batches in halves until there are ``parts`` of them (or none of at least
-    ``2 * min_size`` texts is left), so that each of ``parts`` inference streams gets work: a server's
-    one batch of 32 short texts would otherwise run on one stream while the others idle."""
-    out = [list(b) for b in batches]
-    while out and len(out) < parts:
-        i = max(range(len(out)), key=lambda j: len(out[j]))
-        if len(out[i]) < 2 * min_size:
+def spread_batches(batches: Sequence[Sequence[int]], parts: int, lengths: Optional[Sequence[int]] = None,
+                   min_size: int = 2) -> List[List[int]]:
+    """Split batches in two so that each of ``parts`` inference streams gets a fair share of the work: a
+    server's one batch of 32 texts would otherwise run on one stream while the others idle. The costliest
+    batch (padded tokens, from ``lengths``; texts without them) is split while there are fewer than ``parts``
+    batches, or while it costs more than 1.5 ``parts``-ths of all; batches under ``2 * min_size`` texts stay
+    whole. A batch sorted by length is dealt out alternately (items 0, 2, 4 ... and 1, 3, 5 ...): both halves
+    get as many tokens and pad to nearly the same length, where cutting it in the middle gave one stream
+    all the long texts."""
+    def cost(batch: List[int]) -> int:
+        return len(batch) * max(lengths[i] for i in batch) if lengths is not None else len(batch)
+
+    out = [list(b) for b in batches if len(b)]
+    share = sum(cost(b) for b in out) / max(1, parts)
+    while out:
+        i = max(range(len(out)), key=lambda j: cost(out[j]))
+        if len(out[i]) < 2 * min_size or (len(out) >= parts and cost(out[i]) <= 1.5 * share):
             break
-        half = len(out[i]) // 2
-        out[i:i + 1] = [out[i][:half], out[i][half:]]
+        out[i:i + 1] = [out[i][0::2], out[i][1::2]]
     return out

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-BACKEND_HELP = ("Inference backend: torch (default), auto (the fastest near-lossless one on this CPU, measured "
-                "once and cached), or openvino (pip install 'retrievals[openvino]'); see docs/speed.md")
+BACKEND_HELP = ("Inference backend: auto (default: the fastest near-lossless one on this CPU, measured once and "
+                "cached), torch, or openvino (pip install 'retrievals[openvino]'); see docs/speed.md")
 CALIBRATION_HELP = ("Documents (JSONL/Parquet corpus) to calibrate int8 on OpenVINO (--precision int8): a seeded "
                     "sample of them; default: a sample of the texts first encoded, or a saved int8 export")
 

@@ -45,6 +45,7 @@ def load_model(model_args: ModelArguments) -> AutoModelForEmbedding:
         max_length=model_args.document_max_length, query_max_length=model_args.query_max_length,
         trust_remote_code=model_args.trust_remote_code, quantization=model_args.quantization,
         device=None if str(model_args.quantization or "").lower().startswith("bnb") else "cpu",
+        backend="torch",  # a training process encodes (mining, refresh, dev) with its own forward
     )
     _cap_lengths(model, model_args)
     if model_args.use_lora and getattr(model, "quantization", None) == "int8":

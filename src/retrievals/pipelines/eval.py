@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from ..backends.store import write_json_atomic
 from ..data.beir import corpus_file, load_beir
 from ..data.corpus import EMPTY_DOCUMENTS_HELP
 from ..data.sts import load_sts
+from ..evaluation.metrics import per_query
 from ..evaluation.retrieval import evaluate_dims, evaluate_retrieval
-from ..evaluation.sts import evaluate_sts
+from ..evaluation.significance import bootstrap_statistic, compare_metrics, metric_intervals, paired_statistic
+from ..evaluation.sts import evaluate_sts, spearman_of, sts_cosines
 from ..losses.matryoshka import parse_dims
 from ..models.embedding_model import AutoModelForEmbedding
 from .backend_flags import BACKEND_HELP, CALIBRATION_HELP, backend_kwargs
 from .cli import run_cli
 
 logger = logging.getLogger(__name__)
+METRICS = ["ndcg@10", "mrr@10", "recall@100", "map@100"]
 
 
 @dataclass
@@ -49,6 +54,14 @@ class EvalArguments:
         "help": "With --index_dir: exact search over the index's stored vectors, shard by shard"})
     nprobe: Optional[int] = field(default=None, metadata={"help": "With an IVF index: lists probed per query"})
     empty_documents: str = field(default="skip", metadata={"help": EMPTY_DOCUMENTS_HELP})
+    bootstrap: int = field(default=1000, metadata={
+        "help": "Resamples of the queries (or STS pairs) for each metric's 95% interval; 0: no intervals"})
+    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap and permutation draws"})
+    compare: Optional[str] = field(default=None, metadata={
+        "help": "Another model folder, or a run file written by --save_run: the paired difference per metric "
+                "(this model minus that one) with its 95% interval and a paired permutation p-value"})
+    save_run: Optional[str] = field(default=None, metadata={
+        "help": "Write this model's ranked run (top_k per query, JSON) here, for a later --compare"})
 
 
 def run_eval(args: EvalArguments) -> Dict[str, float]:
@@ -59,21 +72,21 @@ def run_eval(args: EvalArguments) -> Dict[str, float]:
     data = load_beir(args.data_dir, args.split, with_corpus=not args.index_dir,
                      empty_documents=args.empty_documents) if args.data_dir else None
     pairs = load_sts(args.sts_file) if args.sts_file else None
-    model = AutoModelForEmbedding.from_pretrained(
-        args.model_name_or_path, pooling_method=args.pooling_method, max_length=args.max_length,
-        precision=args.precision, **backend_kwargs(args.backend, args.calibration_file or (
-            corpus_file(args.data_dir) if str(args.precision).lower() == "int8" and args.data_dir else None)),
-    )
+    model = _load(args, args.model_name_or_path)
     metrics: Dict[str, float] = {}
     if pairs is not None:
         metrics.update({f"sts_{k}": v for k, v in evaluate_sts(model, pairs, batch_size=args.batch_size).items()})
-    if data is not None and args.index_dir:
-        metrics.update(_evaluate_index(model, data, args))
-    elif data is not None:
-        result = evaluate_retrieval(model, data, top_k=args.top_k, batch_size=args.batch_size, show_progress_bar=True)
-        metrics.update(result.metrics)
-        _print_examples(data, result.run, args.num_examples)
-        if args.dims:
+        metrics.update(_sts_uncertainty(model, pairs, args))
+    if data is not None:
+        if args.index_dir:
+            run = _index_run(model, data, args)
+        else:
+            run = evaluate_retrieval(model, data, top_k=args.top_k, batch_size=args.batch_size, show_progress_bar=True).run
+            _print_examples(data, run, args.num_examples)
+        metrics.update(_retrieval_metrics(run, data, args))
+        if args.save_run:
+            write_json_atomic(args.save_run, {"model": args.model_name_or_path, "split": args.split, "run": run})
+        if args.dims and not args.index_dir:
             for dim, values in evaluate_dims(model, data, parse_dims(args.dims), batch_size=args.batch_size).items():
                 metrics[f"ndcg@10_d{dim}"] = values["ndcg@10"]
     metrics["seconds"] = time.perf_counter() - start
@@ -84,14 +97,72 @@ def run_eval(args: EvalArguments) -> Dict[str, float]:
     return metrics
 
 
-def _evaluate_index(model, data, args: EvalArguments) -> Dict[str, float]:
+def _load(args: EvalArguments, path: str) -> AutoModelForEmbedding:
+    """A model with the evaluation's settings (the one evaluated, or the one it is compared with)."""
+    return AutoModelForEmbedding.from_pretrained(
+        path, pooling_method=args.pooling_method, max_length=args.max_length,
+        precision=args.precision, **backend_kwargs(args.backend, args.calibration_file or (
+            corpus_file(args.data_dir) if str(args.precision).lower() == "int8" and args.data_dir else None)),
+    )
+
+
+def _index_run(model, data, args: EvalArguments):
     """Queries searched in the built index (the model must be the one that made it)."""
-    from ..evaluation.metrics import evaluate_run
     from ..index.search import Searcher
 
     searcher = Searcher(args.index_dir, model=model, nprobe=args.nprobe)
-    run = searcher.run(data.queries, top_k=args.top_k, exact=args.exact_search, batch_size=args.batch_size)
-    return evaluate_run(run, data.qrels, ["ndcg@10", "mrr@10", "recall@100", "map@100"])
+    return searcher.run(data.queries, top_k=args.top_k, exact=args.exact_search, batch_size=args.batch_size)
+
+
+def _retrieval_metrics(run, data, args: EvalArguments) -> Dict[str, float]:
+    """Each metric's mean over the queries, its interval (``_low``/``_high``) and, with ``--compare``, the
+    paired difference to the other model or run (``_diff``, ``_diff_low``, ``_diff_high``, ``_p``)."""
+    values = per_query(run, data.qrels, METRICS)
+    out = {m: sum(v.values()) / max(1, len(v)) for m, v in values.items()}
+    if args.bootstrap:
+        for m, interval in metric_intervals(values, args.bootstrap, args.seed).items():
+            out[f"{m}_low"], out[f"{m}_high"] = interval.low, interval.high
+    if args.compare:
+        other = per_query(_other_run(args, data), data.qrels, METRICS)
+        for m, d in compare_metrics(values, other, max(args.bootstrap, 1), args.seed).items():
+            out.update({f"{m}_diff": d.difference.mean, f"{m}_diff_low": d.difference.low,
+                        f"{m}_diff_high": d.difference.high, f"{m}_p": d.p_value})
+    return out
+
+
+def _other_run(args: EvalArguments, data):
+    """The run of ``--compare``: a run file (``--save_run``), or the other model evaluated here alike."""
+    if os.path.isfile(args.compare):
+        with open(args.compare, encoding="utf-8") as f:
+            try:
+                saved = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{args.compare}: not a run file written by --save_run ({e})") from None
+        if not isinstance(saved, dict) or "run" not in saved:
+            raise ValueError(f"{args.compare}: no 'run' field; write run files with --save_run")
+        return saved["run"]
+    other = _load(args, args.compare)
+    if args.index_dir:
+        raise ValueError("--compare with --index_dir: compare against a run file (--save_run) of the other model")
+    return evaluate_retrieval(other, data, top_k=args.top_k, batch_size=args.batch_size).run
+
+
+def _sts_uncertainty(model, pairs, args: EvalArguments) -> Dict[str, float]:
+    out: Dict[str, float] = {}
+    if not args.bootstrap and not args.compare:
+        return out
+    spearman = spearman_of(sts_cosines(model, pairs, batch_size=args.batch_size), pairs.scores)
+    if args.bootstrap:
+        interval = bootstrap_statistic(len(pairs.scores), spearman, args.bootstrap, args.seed)
+        out["sts_spearman_low"], out["sts_spearman_high"] = interval.low, interval.high
+    if args.compare:
+        if os.path.isfile(args.compare):
+            raise ValueError("--compare with --sts_file takes another model folder, not a run file")
+        theirs = spearman_of(sts_cosines(_load(args, args.compare), pairs, batch_size=args.batch_size), pairs.scores)
+        d = paired_statistic(len(pairs.scores), spearman, theirs, max(args.bootstrap, 1), args.seed)
+        out.update({"sts_spearman_diff": d.difference.mean, "sts_spearman_diff_low": d.difference.low,
+                    "sts_spearman_diff_high": d.difference.high, "sts_spearman_p": d.p_value})
+    return out
 
 
 def _print_examples(data, run, num_examples: int) -> None:
@@ -106,8 +177,21 @@ def _print_examples(data, run, num_examples: int) -> None:
 
 def _print_report(args: EvalArguments, metrics: Dict[str, float]) -> None:
     print(f"\nModel: {args.model_name_or_path}  precision={args.precision}")
+    suffixes = ("_low", "_high", "_diff", "_diff_low", "_diff_high", "_p")
     for name, value in metrics.items():
-        print(f"  {name:>12}: {value:.4f}")
+        if name.endswith(suffixes) and any(name == base + s for s in suffixes for base in metrics):
+            continue
+        line = f"  {name:>12}: {value:.4f}"
+        if f"{name}_low" in metrics:
+            line += f" [{metrics[name + '_low']:.4f}, {metrics[name + '_high']:.4f}]"
+        if f"{name}_diff" in metrics:
+            p = metrics[f"{name}_p"]
+            line += (f"   vs {args.compare}: {metrics[name + '_diff']:+.4f} [{metrics[name + '_diff_low']:+.4f}, "
+                     f"{metrics[name + '_diff_high']:+.4f}], " + ("p < 0.001" if p < 0.001 else f"p = {p:.3f}"))
+        print(line)
+    if args.bootstrap:
+        print(f"  (95% bootstrap intervals over {'pairs' if args.sts_file else 'queries'}, {args.bootstrap} resamples, "
+              f"seed {args.seed})")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

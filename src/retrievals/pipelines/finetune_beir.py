@@ -287,8 +287,9 @@ def training_records(train: BeirDataset) -> List[Dict[str, Any]]:
 
 
 def load_base(args: FinetuneArguments) -> AutoModelForEmbedding:
+    # a training process encodes (mining, evaluation) with torch: OpenVINO stays out of processes that train
     return AutoModelForEmbedding.from_pretrained(args.model_name_or_path, max_length=args.document_max_length,
-                                                 query_max_length=args.query_max_length)
+                                                 query_max_length=args.query_max_length, backend="torch")
 
 
 def _load_teacher(args: FinetuneArguments):
