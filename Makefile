@@ -14,10 +14,13 @@ export TOKENIZERS_PARALLELISM ?= false
 
 venv: $(VENV)/.installed
 
-# haproxy, for the replica test (tests/test_deploy.py): from Debian's packages when it is missing.
+# haproxy, for the replica test (tests/test_deploy.py), and chromium, for the report page's test
+# (tests/test_report_html.py): from Debian's packages when they are missing.
 system-deps:
 	@command -v haproxy >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get install -y -qq haproxy >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq haproxy; }; }
+	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get install -y -qq chromium >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }; }
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

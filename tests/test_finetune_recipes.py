@@ -167,3 +167,34 @@ def test_the_splits_share_one_corpus(word_beir):
     train, dev, test = finetune_beir.load_splits(args)
     assert train.corpus is dev.corpus is test.corpus and len(test.corpus) == 90  # read once, one row order
     assert set(test.queries) == {f"q{i}" for i in range(60, 90)} and set(test.qrels) == set(test.queries)
+
+
+def test_leaked_queries_are_found_dropped_and_the_gain_has_an_interval(word_beir, tiny_bert_dir, tmp_path, capsys):
+    # plant a leak: training query q0 becomes a copy of test query q60 (case and punctuation aside)
+    queries = [json.loads(line) for line in (word_beir / "queries.jsonl").read_text().splitlines()]
+    queries[0]["text"] = queries[60]["text"].upper() + "?"
+    (word_beir / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    # the tiny random model embeds every short query alike: near copies only at cosine 1 here
+    common = ["--model_name_or_path", tiny_bert_dir, "--data_dir", str(word_beir), "--leak_threshold", "1.0"] + FLAGS
+    assert finetune_beir.main([*common, "--output_dir", str(tmp_path / "error"), "--on_leak", "error"]) == 2
+    assert "test queries leak into the training data" in capsys.readouterr().err
+    assert finetune_beir.main([*common, "--output_dir", str(tmp_path / "drop"), "--on_leak", "drop"]) == 0
+    result = json.loads((tmp_path / "drop" / "finetune_result.json").read_text())
+    leak = result["leakage"]["test"]
+    assert leak["leaked_test_queries"] == 1 and leak["counts"]["exact query"] == 1
+    assert leak["examples"][0]["train_id"] == "q0" and leak["examples"][0]["test_id"] == "q60"
+    assert result["training_queries"] == 59  # q0 dropped, the test split unchanged
+    s = result["significance"]["test"]
+    assert s["queries"] == 30 and s["base"]["low"] <= s["base"]["mean"] <= s["base"]["high"]
+    assert s["change"]["difference"] == pytest.approx(result["fine_tuned"]["ndcg@10"] - result["base"]["ndcg@10"])
+    assert 0 < s["change"]["p_value"] <= 1
+    out = capsys.readouterr().out
+    assert "test nDCG@10 over 30 queries" in out and "paired permutation" in out
+    # the model card: results in model-index, the interval, the leakage line
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(str(tmp_path / "drop" / "README.md"))
+    ndcg = [r for r in card.data.eval_results if r.metric_type == "ndcg_at_10"]
+    assert ndcg[0].metric_value == round(result["fine_tuned"]["ndcg@10"], 4) and ndcg[0].dataset_split == "test"
+    assert "test split: 1 of 30 queries have a training twin" in card.text and "- training queries: 59" in card.text
+    assert s["change_text"] in card.text

@@ -321,6 +321,7 @@ class AutoModelForEmbedding(nn.Module):
         adapter and the config.
         """
         from .lora import is_peft_model, merged_copy, save_adapter
+        from .model_card import model_facts, write_card
         from .quantization import check_can_save
 
         check_can_save(self)
@@ -338,6 +339,8 @@ class AutoModelForEmbedding(nn.Module):
         backbone.save_pretrained(save_directory, **kwargs)
         self.tokenizer.save_pretrained(save_directory)
         self.embedding_config.save(save_directory, dimension=backbone.config.hidden_size)
+        info = model_facts(self, getattr(self, "source_dir", None))
+        write_card(save_directory, {"name": os.path.basename(os.path.normpath(save_directory)), **info})
 
 
 def _document_text(doc: Any, index: int) -> str:

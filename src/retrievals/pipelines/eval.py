@@ -85,6 +85,7 @@ def run_eval(args: EvalArguments) -> Dict[str, float]:
             _print_examples(data, run, args.num_examples)
         metrics.update(_retrieval_metrics(run, data, args))
         if args.save_run:
+            os.makedirs(os.path.dirname(os.path.abspath(args.save_run)), exist_ok=True)
             write_json_atomic(args.save_run, {"model": args.model_name_or_path, "split": args.split, "run": run})
         if args.dims and not args.index_dir:
             for dim, values in evaluate_dims(model, data, parse_dims(args.dims), batch_size=args.batch_size).items():

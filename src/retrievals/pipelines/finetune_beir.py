@@ -9,120 +9,42 @@ queries (``--dev_fraction``, ``--dev_kind random|disjoint``, ``--dev_seed``) and
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from transformers import TrainingArguments
 
-from ..data.beir import DEV_KINDS, BeirDataset, load_beir, split_queries
+from ..data.beir import BeirDataset, load_beir, split_queries
 from ..data.collators import RetrievalCollator
-from ..data.corpus import EMPTY_DOCUMENTS_HELP
 from ..data.datasets import RetrievalDataset
 from ..data.jsonl import write_jsonl
 from ..evaluation.metrics import per_query
 from ..evaluation.retrieval import evaluate_retrieval
 from ..losses import get_loss
-from ..mining.false_negatives import FalseNegativeFilter
 from ..mining.hard_negatives import mine_hard_negatives, parse_range
 from ..models.embedding_model import AutoModelForEmbedding
+from ..models.fingerprint import model_fingerprint
 from ..models.precision import cpu_class, cpu_has_fast_bf16
 from ..trainer import RetrievalTrainer
+from .check_data import check_splits
 from .cli import run_cli
-from .finetune_report import METRICS, print_table, write_report  # noqa: F401  (METRICS: the table's, public)
+from .finetune_args import DISTILLATION, LOSS_NAMES, FinetuneArguments  # noqa: F401  (LOSS_NAMES: public)
+from .finetune_html import pick_examples
+from .finetune_report import METRICS, print_table, significance, write_report  # noqa: F401  (METRICS: the table's, public)
 
 logger = logging.getLogger(__name__)
-LOSS_NAMES = ("infonce", "listwise_kl", "margin_mse")
 # Seconds per document token on a 2-core CPU with all-MiniLM-L6-v2 at 256 tokens (10.6M weights outside the
 # embeddings): (encoding, training: forward + backward + step per document token of a batch). With bf16 units
 # (AMD EPYC, AVX512-BF16, bf16 autocast: the demo took 15 min 15 s, estimated 15 min) and without (a 2-core
 # AVX2 CPU, the fp32 path: 670 s per corpus encode, 50 s per training step of the earlier 85-minute demo).
 SECONDS_PER_TOKEN = {True: (0.083e-3, 0.51e-3), False: (0.505e-3, 3.05e-3)}
 REFERENCE_WEIGHTS = 10.6e6
-DISTILLATION = ("listwise_kl", "margin_mse")
-
-
-@dataclass
-class FinetuneArguments:
-    model_name_or_path: str = field(metadata={"help": "Base model directory"})
-    data_dir: str = field(default="../shared/data/scifact", metadata={"help": "BEIR folder with train and test qrels"})
-    output_dir: str = field(default="outputs/scifact-finetuned")
-    epochs: float = field(default=3)
-    batch_size: int = field(default=32)
-    learning_rate: float = field(default=3e-5)
-    temperature: float = field(default=0.05)
-    train_group_size: int = field(default=2, metadata={"help": "1 positive + (n-1) mined negatives per query"})
-    range_for_sampling: str = field(default="10-100")
-    negative_number: int = field(default=8)
-    query_max_length: int = field(default=64)
-    document_max_length: int = field(default=256)
-    train_document_max_length: Optional[int] = field(default=None, metadata={
-        "help": "Document tokens while training (default: --document_max_length, which evaluation always uses); "
-                "128 trains about 2x faster"})
-    seed: int = field(default=42)
-    rounds: int = field(default=1, metadata={
-        "help": "Rounds of (mine with the current model -> train -> evaluate); round r > 1 mines with round r-1's model"})
-    round_start: str = field(default="continue", metadata={
-        "help": "Weights each round > 1 trains from: 'continue' (the previous round's) or 'base'"})
-    empty_documents: str = field(default="skip", metadata={"help": EMPTY_DOCUMENTS_HELP})
-    eval_on: str = field(default="test", metadata={
-        "help": "'test', or 'dev': choose a recipe on a dev split carved from train, never reading the test split"})
-    dev_fraction: float = field(default=0.0, metadata={
-        "help": "Train queries held out as a dev split (0: none; --eval_on dev needs one), e.g. 0.2"})
-    dev_kind: str = field(default="random", metadata={
-        "help": "'random' (seeded sample of train queries) or 'disjoint' (no judged document shared with training)"})
-    dev_seed: int = field(default=0, metadata={"help": "Seed of the dev split (the same split whatever --seed)"})
-    dev_eval_steps: int = field(default=0, metadata={
-        "help": "Also evaluate the dev split every N steps (0: after each round only)"})
-    hn_refresh_steps: int = field(default=0, metadata={
-        "help": "Online refresh: mine new negatives with the model being trained every N steps (0: off)"})
-    max_positive_ratio: Optional[float] = field(default=None, metadata={
-        "help": "False negatives: drop candidates scoring above this fraction of the positive's score, e.g. 0.95"})
-    positive_margin: Optional[float] = field(default=None, metadata={
-        "help": "False negatives: drop candidates scoring above the positive's score minus this margin"})
-    teacher: Optional[str] = field(default=None, metadata={
-        "help": "Cross-encoder (or bi-encoder) scoring candidates: --teacher_threshold and distillation losses"})
-    teacher_threshold: Optional[float] = field(default=None, metadata={
-        "help": "False negatives: drop candidates the teacher scores above this"})
-    loss_fn: str = field(default="infonce", metadata={"help": f"One of {', '.join(LOSS_NAMES)} (the last two: distil "
-                                                              "the teacher's scores of positive and negatives)"})
-    teacher_temperature: float = field(default=1.0, metadata={"help": "Teacher score temperature of listwise_kl"})
-    embedding_cache: Optional[str] = field(default=None, metadata={
-        "help": "Folder keeping the base model's corpus vectors, keyed by the model's fingerprint, the texts and "
-                "the precision: the next run with the same model and corpus reads them instead of encoding"})
-
-    def __post_init__(self) -> None:
-        if self.rounds < 1:
-            raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
-        if self.round_start not in ("continue", "base"):
-            raise ValueError(f"--round_start must be 'continue' or 'base', got {self.round_start!r}")
-        if self.eval_on not in ("test", "dev"):
-            raise ValueError(f"--eval_on must be 'test' or 'dev', got {self.eval_on!r}")
-        if self.eval_on == "dev" and not self.dev_fraction:
-            raise ValueError("--eval_on dev needs a dev split: --dev_fraction, e.g. 0.2")
-        if self.dev_kind not in DEV_KINDS:
-            raise ValueError(f"--dev_kind must be one of {', '.join(DEV_KINDS)}, got {self.dev_kind!r}")
-        if self.loss_fn not in LOSS_NAMES:
-            raise ValueError(f"Unknown --loss_fn {self.loss_fn!r}; valid: {', '.join(LOSS_NAMES)}")
-        if (self.loss_fn in DISTILLATION or self.teacher_threshold is not None) and not self.teacher:
-            raise ValueError(f"--loss_fn {self.loss_fn} and --teacher_threshold need --teacher (a cross-encoder, "
-                             "e.g. trained with `retrievals rerank`)")
-        if self.loss_fn in DISTILLATION and (self.hn_refresh_steps or self.train_group_size < 2):
-            raise ValueError(f"--loss_fn {self.loss_fn} distils scores of mined negatives: it needs "
-                             "--train_group_size >= 2 and cannot take --hn_refresh_steps (refreshed negatives "
-                             "have no teacher scores)")
-
-    @property
-    def train_length(self) -> int:
-        return self.train_document_max_length or self.document_max_length
-
-    def rules(self) -> Optional[FalseNegativeFilter]:
-        rules = FalseNegativeFilter(self.max_positive_ratio, self.positive_margin, self.teacher_threshold)
-        return rules if rules.uses_positive_scores or rules.uses_teacher else None
 
 
 def load_splits(args: FinetuneArguments) -> Tuple[BeirDataset, Optional[BeirDataset], Optional[BeirDataset]]:
@@ -148,11 +70,12 @@ def run_finetune(args: FinetuneArguments) -> Dict[str, Any]:
     round, the model is saved in ``output_dir`` only)."""
     train, dev, test = load_splits(args)
     sets = {name: data for name, data in (("dev", dev), ("test", test)) if data is not None}
+    model = load_base(args)
+    train, leakage = check_splits(train, sets, model, args.leak_threshold, args.on_leak, "finetune_beir")
     records = training_records(train)
     if len(records) < args.batch_size:  # before any encoding: the trainer would only say "max_steps must be set"
         raise ValueError(f"{args.data_dir}: {len(records)} training queries are fewer than one batch "
                          f"(--batch_size {args.batch_size}, the last partial batch is dropped); lower --batch_size")
-    model = load_base(args)
     teacher = _load_teacher(args)
     timings: Dict[str, float] = {}
     texts = train.corpus_texts()
@@ -165,7 +88,7 @@ def run_finetune(args: FinetuneArguments) -> Dict[str, Any]:
     if not cached:
         rest = estimate_seconds(args, len(texts), len(records), seconds / tokens) - seconds
         print(f"Corpus encoded in {seconds:.0f} s; estimated time for the rest: {rest / 60:.0f} min", flush=True)
-    base, base_queries = _evaluate(model, sets, corpus_emb)
+    base, base_queries, base_top = _evaluate(model, sets, corpus_emb)
     timings["evaluate base"] = time.perf_counter() - start
     dev_curve = [(0, base["dev"]["ndcg@10"])] if dev is not None else []
     rounds, losses, offset = [], [], 0
@@ -193,9 +116,11 @@ def run_finetune(args: FinetuneArguments) -> Dict[str, Any]:
             write_jsonl(os.path.join(folder, "train_hn.jsonl"), mined)
         start = time.perf_counter()
         corpus_emb = model.encode_corpus(texts, show_progress_bar=True)
-        evaluations, queries = _evaluate(model, sets, corpus_emb)
+        evaluations, queries, top = _evaluate(model, sets, corpus_emb)
         timings["evaluate fine-tuned" + suffix] = time.perf_counter() - start
         round_losses = [(offset + h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+        diagnostics = [{"step": offset + h["step"], **{k: v for k, v in h.items() if k.startswith("diag_")}}
+                       for h in trainer.state.log_history if "loss" in h and "diag_accuracy" in h]
         refreshes = [{**entry, "step": offset + entry["step"]} for entry in callbacks.get("refresh", [])]
         dev_curve += [(offset + step, m["dev_ndcg@10"]) for step, m in callbacks.get("dev", [])
                       if step < trainer.state.global_step]
@@ -205,14 +130,15 @@ def run_finetune(args: FinetuneArguments) -> Dict[str, Any]:
         losses += round_losses
         rounds.append({"round": r, "metrics": evaluations[args.eval_on], "evaluations": evaluations,
                        "losses": round_losses, "mining": counts, "refreshes": refreshes, "steps": offset,
-                       "ndcg@10_per_query": queries})
+                       "ndcg@10_per_query": queries, "diagnostics": diagnostics})
         logger.info("round %d: %s nDCG@10 %.4f", r, args.eval_on, evaluations[args.eval_on]["ndcg@10"])
     if args.rounds > 1:
         model.save_pretrained(args.output_dir)
     return {"eval_on": args.eval_on, "base": base[args.eval_on], "base_evaluations": base,
             "base_ndcg@10_per_query": base_queries,
+            "examples": pick_examples(sets.get(args.eval_on), base_top, top, base_queries, queries, args.eval_on),
             "fine_tuned": rounds[-1]["metrics"], "rounds": rounds, "dev_curve": dev_curve, "seconds": timings,
-            "losses": losses, "training_queries": len(records), "args": asdict(args)}
+            "losses": losses, "training_queries": len(records), "leakage": leakage, "args": asdict(args)}
 
 
 def encode_corpus_cached(model, texts: List[str], cache_dir: Optional[str]) -> Tuple[np.ndarray, bool]:
@@ -220,10 +146,6 @@ def encode_corpus_cached(model, texts: List[str], cache_dir: Optional[str]) -> T
     lengths, instructions), the precision it encodes in on this CPU and every text."""
     if not cache_dir:
         return model.encode_corpus(texts, show_progress_bar=True), False
-    import hashlib
-
-    from ..index.manifest import model_fingerprint
-
     digest = hashlib.sha256(f"{model_fingerprint(model)}|{getattr(model, 'precision', None)}|"
                             f"{cpu_has_fast_bf16()}".encode())
     for text in texts:
@@ -258,15 +180,15 @@ def _weights(model) -> int:
     return sum(p.numel() for p in model.model.parameters() if id(p) not in skip)
 
 
-def _evaluate(model, sets: Dict[str, BeirDataset], corpus_emb: np.ndarray) -> Tuple[Dict[str, Dict[str, float]],
-                                                                                       Dict[str, Dict[str, float]]]:
-    """``(metrics, nDCG@10 per query)`` of each split from one encoding of the shared corpus (per query: for
-    paired comparisons between runs)."""
-    metrics, queries = {}, {}
+def _evaluate(model, sets: Dict[str, BeirDataset], corpus_emb: np.ndarray) -> Tuple[Dict[str, Any], ...]:
+    """``(metrics, nDCG@10 per query, top 3 document ids per query)`` of each split from one encoding of the
+    shared corpus (per query: for paired comparisons and the report's examples)."""
+    metrics, queries, top = {}, {}, {}
     for name, data in sets.items():
         result = evaluate_retrieval(model, data, corpus_embeddings=corpus_emb)
         metrics[name], queries[name] = result.metrics, per_query(result.run, data.qrels)["ndcg@10"]
-    return metrics, queries
+        top[name] = {q: sorted(hits, key=hits.get, reverse=True)[:3] for q, hits in result.run.items()}
+    return metrics, queries, top
 
 
 def training_records(train: BeirDataset) -> List[Dict[str, Any]]:
@@ -343,6 +265,7 @@ def _train(model, records: List[dict], args: FinetuneArguments, texts: List[str]
 def run_and_report(args: FinetuneArguments) -> Dict[str, Any]:
     """:func:`run_finetune`, then the table, the plot and the JSON figures in ``output_dir``."""
     result = run_finetune(args)
+    result["significance"] = significance(result)
     print_table(result)
     write_report(result, args.output_dir)
     print(f"\nModel, plot and figures saved in {args.output_dir}")

@@ -23,6 +23,7 @@ from ..losses.utils import LOSS_EXTRAS, SIDES
 from . import fsdp
 from .callbacks import EpochSamplingCallback, LossGradientCallback
 from .checkpoints import CheckpointRanks
+from .diagnostics import DiagnosticsMonitor, batch_diagnostics
 from .param_groups import describe_groups, layerwise_param_groups
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ class RetrievalTrainer(Trainer):
 
     def __init__(self, model: nn.Module = None, args=None, loss_fn: Optional[nn.Module] = None,
                  evaluator: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
-                 layerwise_lr_decay: Optional[float] = None, head_learning_rate: Optional[float] = None, **kwargs: Any):
+                 layerwise_lr_decay: Optional[float] = None, head_learning_rate: Optional[float] = None,
+                 diagnostics: bool = True, **kwargs: Any):
         collator = kwargs.get("data_collator")
         if collator is not None and hasattr(collator, "with_model_config") and hasattr(model, "embedding_config"):
             pad_id = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
@@ -63,6 +65,8 @@ class RetrievalTrainer(Trainer):
             logger.info("RetrievalTrainer sets remove_unused_columns=False (collators need the text columns)")
             args.remove_unused_columns = False
         self.evaluator = evaluator
+        self.diagnostics = DiagnosticsMonitor() if diagnostics else None
+        self._last_diagnostics: Optional[Dict[str, float]] = None
         self.layerwise_lr_decay = layerwise_lr_decay if layerwise_lr_decay is not None else \
             getattr(args, "layerwise_lr_decay", None)
         self.head_learning_rate = head_learning_rate if head_learning_rate is not None else \
@@ -145,12 +149,31 @@ class RetrievalTrainer(Trainer):
             if getattr(self.accelerator.unwrap_model(model), "returns_token_embeddings", False):
                 extras.update({f"{side}_mask": inputs[side]["attention_mask"] for side in SIDES if side in inputs})
             loss = self.loss_fn(**embeddings, **extras)
+            if self.diagnostics is not None and model.training:
+                self._diagnose(embeddings)
         if not torch.isfinite(loss).all():
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {self.state.global_step}; stopping before any further checkpoint "
                 "(lower the learning rate, check the data, or use fp32)"
             )
         return (loss, embeddings) if return_outputs else loss
+
+    def _diagnose(self, embeddings: Dict[str, Any]) -> None:
+        """The batch's diagnostics (trainer/diagnostics.py), kept for the next log line."""
+        query, positive, negative = (embeddings.get(k) for k in ("query", "positive", "negative"))
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in (query, positive)) or \
+                (negative is not None and (negative.dim() != 2 or negative.shape[0] % query.shape[0])):
+            return  # multi-vector or unpaired sides: nothing comparable
+        loss = getattr(self.loss_fn, "loss", self.loss_fn)  # a wrapper's (Matryoshka, memory bank) inner loss
+        self._last_diagnostics = batch_diagnostics(query, positive, negative, getattr(loss, "temperature", 0.05))
+
+    def log(self, logs: Dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, with the last batch's diagnostics beside the training loss; the rules warn."""
+        if self._last_diagnostics is not None and "loss" in logs:
+            logs = {**logs, **{k: round(v, 4) for k, v in self._last_diagnostics.items()}}
+            self.diagnostics.check(self._last_diagnostics, self.state.global_step)
+            self._last_diagnostics = None
+        return super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model, inputs: Dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: Optional[List[str]] = None) -> Tuple[torch.Tensor, None, None]:
