@@ -6,7 +6,7 @@ Same data, batch, lengths, precision and learning rate on both sides: SciFact tr
 cited abstract as positive and one seeded random abstract as hard negative (``--negatives``), batch 32,
 every text cut at ``--max_length`` tokens (128, ``make demo``'s training length; sentence-transformers has one
 max length for every column), bf16 autocast where the CPU has bf16 units (the Trainer's ``bf16=True``,
-fp32 weights), AdamW lr 1e-4 with 10% warm-up, seed 42. Loss: our ``InfoNCE(temperature=0.05)`` (cosine)
+fp32 weights), AdamW lr 1e-4 with 10% of the steps as warm-up, seed 42. Loss: our ``InfoNCE(temperature=0.05)`` (cosine)
 against ``MultipleNegativesRankingLoss(scale=20)`` (cosine x 20): the same candidates (every positive and
 negative of the batch) and the same scale.
 
@@ -90,7 +90,7 @@ def worker(args) -> Dict[str, object]:
                 losses.append(float(logs["loss"]))
 
     common = dict(output_dir=os.path.join(args.tmp, args.worker), per_device_train_batch_size=args.batch_size,
-                  max_steps=args.steps, learning_rate=1e-4, warmup_ratio=0.1, logging_steps=1, save_strategy="no",
+                  max_steps=args.steps, learning_rate=1e-4, warmup_steps=max(1, args.steps // 10), logging_steps=1, save_strategy="no",
                   report_to=[], seed=42, bf16=bf16, use_cpu=True, disable_tqdm=True, dataloader_drop_last=True)
     torch.manual_seed(42)
     if args.worker == "ours":
