@@ -90,8 +90,9 @@ def worker(args) -> Dict[str, object]:
                 losses.append(float(logs["loss"]))
 
     common = dict(output_dir=os.path.join(args.tmp, args.worker), per_device_train_batch_size=args.batch_size,
-                  max_steps=args.steps, learning_rate=1e-4, warmup_steps=max(1, args.steps // 10), logging_steps=1, save_strategy="no",
-                  report_to=[], seed=42, bf16=bf16, use_cpu=True, disable_tqdm=True, dataloader_drop_last=True)
+                  max_steps=args.steps, learning_rate=1e-4, warmup_steps=max(1, args.steps // 10), logging_steps=1,
+                  save_strategy="no", report_to=[], seed=42, bf16=bf16, use_cpu=True, disable_tqdm=True,
+                  dataloader_drop_last=True)
     torch.manual_seed(42)
     if args.worker == "ours":
         from transformers import TrainingArguments

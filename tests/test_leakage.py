@@ -96,3 +96,22 @@ def test_check_data_command_on_a_beir_folder(tiny_beir_dir, tiny_bert_dir, tmp_p
     with_model = run_check_data(CheckDataArguments(data_dir=str(root), model_name_or_path=tiny_bert_dir,
                                                    threshold=0.999))
     assert {"tr1", "tr2"} <= with_model.train_ids
+
+
+def test_embed_do_eval_checks_the_training_file(tiny_bert_dir, tiny_beir_dir, tmp_path, capsys):
+    from retrievals.pipelines import embed
+
+    queries = [json.loads(line)["text"] for line in open(f"{tiny_beir_dir}/queries.jsonl")]
+    rows = [{"query": f"{a} {b}", "positive": f"the {a} and the {b}"} for a, b in
+            [("cat", "dog"), ("sky", "sun"), ("moon", "red"), ("blue", "green")] * 4]
+    rows[5] = {"query": queries[2].upper(), "positive": "the copied one"}  # a planted copy of an eval query
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = ["--model_name_or_path", tiny_bert_dir, "--do_train", "--do_eval", "--data_name_or_path", str(data),
+             "--eval_data_dir", tiny_beir_dir, "--per_device_train_batch_size", "4", "--max_steps", "1",
+             "--save_strategy", "no", "--use_cpu", "True", "--report_to", "none", "--leak_threshold", "1.0"]
+    assert embed.main(flags + ["--output_dir", str(tmp_path / "e"), "--on_leak", "error"]) == 2
+    assert "test queries leak into the training data" in capsys.readouterr().err
+    assert embed.main(flags + ["--output_dir", str(tmp_path / "d"), "--on_leak", "drop"]) == 0
+    kept = [json.loads(line) for line in (tmp_path / "d.train-no-leak.jsonl").read_text().splitlines()]
+    assert len(kept) == 15 and rows[5] not in kept

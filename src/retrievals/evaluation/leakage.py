@@ -76,6 +76,7 @@ class LeakReport:
     def to_dict(self, examples: int = 20) -> Dict[str, object]:
         return {"n_train": self.n_train, "n_test": self.n_test, "threshold": self.threshold, "counts": self.counts,
                 "leaked_test_queries": len(self.test_ids), "leaked_train_examples": len(self.train_ids),
+                "leaked_test_ids": sorted(self.test_ids),
                 "examples": [leak.__dict__ for leak in self.leaks[:examples]]}
 
 

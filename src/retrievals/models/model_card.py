@@ -9,7 +9,6 @@ and parses with ``huggingface_hub.ModelCard``.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Optional
 
@@ -97,15 +96,17 @@ def model_facts(model, source: Optional[str] = None) -> Dict[str, Any]:
 
 
 def base_name(source: str) -> str:
-    """A hub id stays as is; a local folder is named by its last parts (no absolute paths in a card)."""
-    if os.path.isdir(source):
-        config = os.path.join(source, "config.json")
-        try:
-            with open(config, encoding="utf-8") as f:
-                named = json.load(f).get("_name_or_path")
-            if named and not os.path.isabs(named):
-                return named
-        except (OSError, json.JSONDecodeError):
-            pass
-        return os.path.basename(os.path.normpath(source))
-    return source
+    """How a card names the model it started from: a hub id as is; a local folder by its own card's title
+    (``# all-MiniLM-L6-v2``), else by its name (with its parent when the name says nothing, like ``model``).
+    Never an absolute path; never ``config.json``'s ``_name_or_path``, which names the folder's own base."""
+    if not os.path.isdir(source):
+        return source
+    readme = os.path.join(source, CARD_NAME)
+    if os.path.exists(readme):
+        with open(readme, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                title = line[2:].strip() if line.startswith("# ") else ""
+                if title and " " not in title:
+                    return title
+    parts = os.path.normpath(os.path.abspath(source)).split(os.sep)
+    return "/".join(parts[-2:]) if parts[-1] in ("model", "models", "saved", "output", "outputs") else parts[-1]

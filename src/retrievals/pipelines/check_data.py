@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
@@ -119,3 +120,39 @@ def check_splits(train: BeirDataset, held_out: Dict[str, BeirDataset], model, th
         train = replace(train, queries={q: t for q, t in train.queries.items() if q not in drop},
                         qrels={q: r for q, r in train.qrels.items() if q not in drop})
     return train, reports
+
+
+def check_training_file(path: str, data_dir: str, split: str, model, threshold: float, policy: str,
+                        query_key: str = "query", positive_key: str = "positive", out_dir: Optional[str] = None) -> str:
+    """``embed --do_train --do_eval``'s check: the training file's queries (exact and near) and positives
+    (exact) against the evaluation split's queries. Returns the file to train on: ``path``, or under
+    ``drop`` a copy without the leaked lines beside ``out_dir`` (``<out_dir>.train-no-leak.jsonl``: the output
+    folder itself must stay empty for the Trainer)."""
+    if not os.path.isfile(path) or not path.endswith((".jsonl", ".jsonl.gz")):
+        logger.info("leakage check skipped: %s is not a local JSONL file", path)
+        return path
+    records = list(iter_jsonl(path))
+    queries = {f"line {n}": str(r.get(query_key, "")) for n, r in records}
+    positives = {}
+    for n, r in records:
+        positive = r.get(positive_key, "")
+        positives[f"line {n}"] = str(positive[0] if isinstance(positive, list) and positive else positive)
+    test = load_beir(data_dir, split, with_corpus=False)
+    report = check_leakage(queries, test.queries, model=model, threshold=threshold)
+    exact = check_leakage(positives, test.queries)
+    report.leaks += [replace(leak, kind="exact positive") for leak in exact.leaks]
+    if exact.leaks:
+        report.counts["exact positive"] = len(exact.leaks)
+    drop = apply_policy(report, policy, where=f"embed: {path} against {data_dir} {split}")
+    if not drop:
+        return path
+    out = os.path.abspath(out_dir or "train")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    kept = f"{out}.train-no-leak.jsonl"
+    tmp = f"{kept}.tmp-{os.getpid()}"  # each rank of a distributed run writes the same file: whole, never half
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for n, r in records if f"line {n}" not in drop)
+    os.replace(tmp, kept)
+    logger.warning("embed: trains on %s (%d of %d lines; the leaked ones dropped)", kept, len(records) - len(drop),
+                   len(records))
+    return kept

@@ -29,6 +29,7 @@ from ..models.multi_vector import MultiVectorModel
 from ..trainer import RetrievalTrainer
 from ..trainer.checkpoints import last_complete_checkpoint, warn_if_world_size_changed
 from .arguments import DataArguments, EmbedTrainingArguments, ModelArguments
+from .check_data import check_training_file
 from .cli import run_cli
 from .multi_vector import evaluate_multi_vector, maxsim_loss_kwargs, wrap_multi_vector
 
@@ -251,6 +252,10 @@ def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedT
     if model_args.truncate_dim:
         model.embedding_config.truncate_dim = model_args.truncate_dim
     result: Dict[str, Any] = {}
+    if args.do_train and getattr(args, "final_eval", args.do_eval) and data_args.eval_data_dir and data_args.data_name_or_path:
+        data_args.data_name_or_path = check_training_file(
+            data_args.data_name_or_path, data_args.eval_data_dir, data_args.eval_split, model, data_args.leak_threshold,
+            data_args.on_leak, data_args.query_key, data_args.positive_key, args.output_dir)
     if args.do_train:
         trainer = train(model, model_args, data_args, args)
         result["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
