@@ -82,3 +82,18 @@ def test_a_bad_run_file_is_named(tiny_bert_dir, tiny_beir_dir, tmp_path):
     bad.write_text('{"queries": {}}')
     with pytest.raises(ValueError, match="bad.json: no 'run' field"):
         run_eval(EvalArguments(model_name_or_path=tiny_bert_dir, data_dir=tiny_beir_dir, compare=str(bad)))
+
+
+def test_two_run_files_compare_without_a_model(tiny_bert_dir, tiny_beir_dir, tmp_path):
+    weak = _perturbed_copy(tiny_bert_dir, str(tmp_path / "weak"))
+    for name, path in (("a", tiny_bert_dir), ("b", weak)):
+        run_eval(EvalArguments(model_name_or_path=path, data_dir=tiny_beir_dir, precision="fp32", bootstrap=0,
+                               save_run=str(tmp_path / f"{name}.json")))
+    by_runs = run_eval(EvalArguments(model_name_or_path=str(tmp_path / "a.json"), data_dir=tiny_beir_dir,
+                                     bootstrap=100, compare=str(tmp_path / "b.json")))
+    by_model = run_eval(EvalArguments(model_name_or_path=tiny_bert_dir, data_dir=tiny_beir_dir, precision="fp32",
+                                      bootstrap=100, compare=str(tmp_path / "b.json")))
+    for key in ("ndcg@10", "ndcg@10_low", "ndcg@10_diff", "ndcg@10_diff_high", "ndcg@10_p"):
+        assert by_runs[key] == pytest.approx(by_model[key]), key
+    with pytest.raises(ValueError, match="a run file is scored on --data_dir alone"):
+        run_eval(EvalArguments(model_name_or_path=str(tmp_path / "a.json"), data_dir=tiny_beir_dir, dims="16"))

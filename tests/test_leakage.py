@@ -112,6 +112,12 @@ def test_embed_do_eval_checks_the_training_file(tiny_bert_dir, tiny_beir_dir, tm
              "--save_strategy", "no", "--use_cpu", "True", "--report_to", "none", "--leak_threshold", "1.0"]
     assert embed.main(flags + ["--output_dir", str(tmp_path / "e"), "--on_leak", "error"]) == 2
     assert "test queries leak into the training data" in capsys.readouterr().err
-    assert embed.main(flags + ["--output_dir", str(tmp_path / "d"), "--on_leak", "drop"]) == 0
+    assert embed.main(flags + ["--output_dir", str(tmp_path / "d"), "--on_leak", "drop", "--report_html"]) == 0
     kept = [json.loads(line) for line in (tmp_path / "d.train-no-leak.jsonl").read_text().splitlines()]
     assert len(kept) == 15 and rows[5] not in kept
+    # --report_html: the base model evaluated too, the page, the card and the figures, as finetune_beir writes them
+    page = (tmp_path / "d" / "report.html").read_text()
+    result = json.loads((tmp_path / "d" / "finetune_result.json").read_text())
+    assert result["leakage"]["test"]["leaked_test_queries"] == 1 and "1 of" in page
+    assert result["significance"]["test"]["queries"] == len(queries) and "<table id=\"metrics\">" in page
+    assert "model-index" in (tmp_path / "d" / "README.md").read_text()

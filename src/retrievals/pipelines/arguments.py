@@ -74,6 +74,9 @@ class DataArguments:
         "help": "With --do_train --do_eval: training queries that copy an --eval_data_dir query: warn, error or "
                 "drop (trains on a copy of the file without them)"})
     leak_threshold: float = field(default=0.95, metadata={"help": "Cosine (the model being trained) of a near copy"})
+    report_html: bool = field(default=False, metadata={
+        "help": "With --do_train --do_eval: also evaluate the base model and write report.html, the model card and "
+                "the figures (as finetune_beir does)"})
     dev_data_dir: Optional[str] = field(default=None, metadata={
         "help": "BEIR-layout folder evaluated during training with --eval_strategy steps|epoch (default: "
                 "--eval_data_dir); its metrics are eval_ndcg@10 ... for --metric_for_best_model ndcg@10"})

@@ -123,14 +123,15 @@ def check_splits(train: BeirDataset, held_out: Dict[str, BeirDataset], model, th
 
 
 def check_training_file(path: str, data_dir: str, split: str, model, threshold: float, policy: str,
-                        query_key: str = "query", positive_key: str = "positive", out_dir: Optional[str] = None) -> str:
+                        query_key: str = "query", positive_key: str = "positive",
+                        out_dir: Optional[str] = None) -> Tuple[str, Dict[str, object]]:
     """``embed --do_train --do_eval``'s check: the training file's queries (exact and near) and positives
     (exact) against the evaluation split's queries. Returns the file to train on: ``path``, or under
-    ``drop`` a copy without the leaked lines beside ``out_dir`` (``<out_dir>.train-no-leak.jsonl``: the output
+    ``drop`` a copy without the leaked lines beside ``out_dir``, and the report (``<out_dir>.train-no-leak.jsonl``: the output
     folder itself must stay empty for the Trainer)."""
     if not os.path.isfile(path) or not path.endswith((".jsonl", ".jsonl.gz")):
         logger.info("leakage check skipped: %s is not a local JSONL file", path)
-        return path
+        return path, {}
     records = list(iter_jsonl(path))
     queries = {f"line {n}": str(r.get(query_key, "")) for n, r in records}
     positives = {}
@@ -145,7 +146,7 @@ def check_training_file(path: str, data_dir: str, split: str, model, threshold: 
         report.counts["exact positive"] = len(exact.leaks)
     drop = apply_policy(report, policy, where=f"embed: {path} against {data_dir} {split}")
     if not drop:
-        return path
+        return path, report.to_dict()
     out = os.path.abspath(out_dir or "train")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     kept = f"{out}.train-no-leak.jsonl"
@@ -155,4 +156,4 @@ def check_training_file(path: str, data_dir: str, split: str, model, threshold: 
     os.replace(tmp, kept)
     logger.warning("embed: trains on %s (%d of %d lines; the leaked ones dropped)", kept, len(records) - len(drop),
                    len(records))
-    return kept
+    return kept, report.to_dict()

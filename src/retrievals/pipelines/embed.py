@@ -253,7 +253,7 @@ def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedT
         model.embedding_config.truncate_dim = model_args.truncate_dim
     result: Dict[str, Any] = {}
     if args.do_train and getattr(args, "final_eval", args.do_eval) and data_args.eval_data_dir and data_args.data_name_or_path:
-        data_args.data_name_or_path = check_training_file(
+        data_args.data_name_or_path, result["leakage"] = check_training_file(
             data_args.data_name_or_path, data_args.eval_data_dir, data_args.eval_split, model, data_args.leak_threshold,
             data_args.on_leak, data_args.query_key, data_args.positive_key, args.output_dir)
     if args.do_train:
@@ -290,6 +290,12 @@ def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedT
             ).metrics
         else:
             result["metrics"] = evaluate_retrieval(model, data).metrics
+            if data_args.report_html and args.do_train:
+                from .embed_report import write_embed_report
+
+                result["report"] = write_embed_report(
+                    load_model(model_args), model, data, trainer, args.output_dir, data_args.eval_split,
+                    model_args.model_name_or_path, data_args.eval_data_dir, result.get("leakage"))
         print(json.dumps(result["metrics"], indent=2))
         if args.eval_dims:
             result["metrics_by_dim"] = evaluate_dims(model, data, parse_dims(args.eval_dims))

@@ -33,7 +33,9 @@ METRICS = ["ndcg@10", "mrr@10", "recall@100", "map@100"]
 
 @dataclass
 class EvalArguments:
-    model_name_or_path: str = field(metadata={"help": "Model directory (saved by retrievals or sentence-transformers) or hub id"})
+    model_name_or_path: str = field(metadata={
+        "help": "Model directory (saved by retrievals or sentence-transformers) or hub id; or a run file written by "
+                "--save_run, scored as it is (with --compare: two run files, no model)"})
     data_dir: Optional[str] = field(default=None, metadata={"help": "BEIR-layout folder (corpus, queries, qrels/)"})
     split: str = field(default="test", metadata={"help": "qrels split to evaluate"})
     sts_file: Optional[str] = field(default=None, metadata={"help": "STS file (s1, s2, score) instead of retrieval"})
@@ -72,19 +74,25 @@ def run_eval(args: EvalArguments) -> Dict[str, float]:
     data = load_beir(args.data_dir, args.split, with_corpus=not args.index_dir,
                      empty_documents=args.empty_documents) if args.data_dir else None
     pairs = load_sts(args.sts_file) if args.sts_file else None
-    model = _load(args, args.model_name_or_path)
+    saved_run = _read_run(args.model_name_or_path) if os.path.isfile(args.model_name_or_path) else None
+    if saved_run is not None and (pairs is not None or args.index_dir or args.dims or data is None):
+        raise ValueError(f"{args.model_name_or_path}: a run file is scored on --data_dir alone (no --sts_file, "
+                         "--index_dir or --dims)")
+    model = _load(args, args.model_name_or_path) if saved_run is None else None
     metrics: Dict[str, float] = {}
     if pairs is not None:
         metrics.update({f"sts_{k}": v for k, v in evaluate_sts(model, pairs, batch_size=args.batch_size).items()})
         metrics.update(_sts_uncertainty(model, pairs, args))
     if data is not None:
-        if args.index_dir:
+        if saved_run is not None:
+            run = saved_run
+        elif args.index_dir:
             run = _index_run(model, data, args)
         else:
             run = evaluate_retrieval(model, data, top_k=args.top_k, batch_size=args.batch_size, show_progress_bar=True).run
             _print_examples(data, run, args.num_examples)
         metrics.update(_retrieval_metrics(run, data, args))
-        if args.save_run:
+        if args.save_run and saved_run is None:
             os.makedirs(os.path.dirname(os.path.abspath(args.save_run)), exist_ok=True)
             write_json_atomic(args.save_run, {"model": args.model_name_or_path, "split": args.split, "run": run})
         if args.dims and not args.index_dir:
@@ -134,18 +142,22 @@ def _retrieval_metrics(run, data, args: EvalArguments) -> Dict[str, float]:
 def _other_run(args: EvalArguments, data):
     """The run of ``--compare``: a run file (``--save_run``), or the other model evaluated here alike."""
     if os.path.isfile(args.compare):
-        with open(args.compare, encoding="utf-8") as f:
-            try:
-                saved = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{args.compare}: not a run file written by --save_run ({e})") from None
-        if not isinstance(saved, dict) or "run" not in saved:
-            raise ValueError(f"{args.compare}: no 'run' field; write run files with --save_run")
-        return saved["run"]
+        return _read_run(args.compare)
     other = _load(args, args.compare)
     if args.index_dir:
         raise ValueError("--compare with --index_dir: compare against a run file (--save_run) of the other model")
     return evaluate_retrieval(other, data, top_k=args.top_k, batch_size=args.batch_size).run
+
+
+def _read_run(path: str):
+    with open(path, encoding="utf-8") as f:
+        try:
+            saved = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a run file written by --save_run ({e})") from None
+    if not isinstance(saved, dict) or "run" not in saved:
+        raise ValueError(f"{path}: no 'run' field; write run files with --save_run")
+    return saved["run"]
 
 
 def _sts_uncertainty(model, pairs, args: EvalArguments) -> Dict[str, float]:
