@@ -47,14 +47,16 @@ def test_clean_split_has_no_alarm_and_planted_duplicates_are_all_found():
     planted = dict(TRAIN)
     planted["p1"] = TEST["t1"]                                        # exact copy
     planted["p2"] = "  VITAMIN D deficiency causes rickets in children "  # case and punctuation only
-    planted["p3"] = "Smoking increases lung cancer incidence in men."   # near: two more words (cosine 0.85)
+    planted["p3"] = "Lung cancer incidence increases with smoking."     # near: reordered (cosine 0.91)
+    planted["p4"] = "Exercise lowers blood presure in adults"           # fuzzy: a typo (3-gram Jaccard >= 0.8)
     report = check_leakage(planted, TEST, model=BagOfWords(), threshold=0.8)
     assert {(leak.train_id, leak.test_id, leak.kind) for leak in report.leaks} == {
-        ("p1", "t1", "exact query"), ("p2", "t2", "exact query"), ("p3", "t3", "near query")}
-    assert report.test_ids == {"t1", "t2", "t3"} and report.counts == {"exact query": 2, "near query": 1}
+        ("p1", "t1", "exact query"), ("p2", "t2", "exact query"), ("p3", "t3", "near query"), ("p4", "t4", "fuzzy query")}
+    assert report.test_ids == {"t1", "t2", "t3", "t4"}
+    assert report.counts == {"exact query": 2, "near query": 1, "fuzzy query": 1}
     assert 0.8 <= next(leak.cosine for leak in report.leaks if leak.kind == "near query") < 1
-    # without a model only the exact ones
-    assert check_leakage(planted, TEST).counts == {"exact query": 2}
+    # without a model: the exact and fuzzy ones
+    assert check_leakage(planted, TEST).counts == {"exact query": 2, "fuzzy query": 1}
 
 
 def test_positives_are_checked_too():
@@ -121,3 +123,11 @@ def test_embed_do_eval_checks_the_training_file(tiny_bert_dir, tiny_beir_dir, tm
     assert result["leakage"]["test"]["leaked_test_queries"] == 1 and "1 of" in page
     assert result["significance"]["test"]["queries"] == len(queries) and "<table id=\"metrics\">" in page
     assert "model-index" in (tmp_path / "d" / "README.md").read_text()
+
+
+def test_a_typo_is_found_by_character_trigrams_without_a_model():
+    report = check_leakage({**TRAIN, "p": "Does asprin reduce the risk of heart attack?"}, TEST)
+    assert [(leak.train_id, leak.test_id, leak.kind) for leak in report.leaks] == [("p", "t1", "fuzzy query")]
+    assert check_leakage({**TRAIN, "p": "Does asprin reduce the risk of heart attack?"}, TEST, min_jaccard=None).leaks == []
+    # different claims that share many words are not near copies
+    assert check_leakage({"x": "Smoking increases heart disease incidence."}, TEST).leaks == []

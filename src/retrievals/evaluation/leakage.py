@@ -1,6 +1,8 @@
 """Train/test leakage: training queries (and positives) that are copies or near-copies of test queries.
 
 Exact: equal after normalisation (Unicode NFKC, case folded, punctuation dropped, whitespace collapsed).
+Fuzzy: character 3-gram Jaccard similarity of the normalised texts >= ``min_jaccard`` (0.8), which catches
+typos that move a sub-word tokenizer's embedding below the cosine threshold (no model needed).
 Near: cosine of the model's embeddings at or above ``threshold`` (the model at hand: the one about to be
 trained or evaluated). A test query with a leaked training twin inflates every figure measured on it.
 
@@ -37,7 +39,7 @@ def normalise(text: str) -> str:
 class Leak:
     train_id: str
     test_id: str
-    kind: str  # "exact query", "near query", "exact positive", "near positive"
+    kind: str  # "exact query", "fuzzy query", "near query", "exact positive", ...
     cosine: Optional[float]
     train_text: str
     test_text: str
@@ -90,6 +92,37 @@ def _exact(train: Mapping[str, str], test: Mapping[str, str], kind: str) -> List
             for rid, text in train.items() for tid in by_text.get(normalise(text), [])]
 
 
+def _shingles(text: str) -> Set[str]:
+    padded = f" {normalise(text)} "
+    return {padded[i:i + 3] for i in range(max(1, len(padded) - 2))}
+
+
+def _fuzzy(train: Mapping[str, str], test: Mapping[str, str], kind: str, min_jaccard: float,
+           seen: Set[tuple]) -> List[Leak]:
+    """Pairs whose character 3-gram Jaccard similarity is >= ``min_jaccard``. Candidates share a rare 3-gram
+    (one in at most max(50, 5%) of the test texts; a near copy shares most of its 3-grams, rare ones too),
+    found through an inverted index: the cost grows with shared rare 3-grams, not with train x test."""
+    test_sets = {tid: _shingles(text) for tid, text in test.items()}
+    index: Dict[str, List[str]] = {}
+    for tid, grams in test_sets.items():
+        for g in grams:
+            index.setdefault(g, []).append(tid)
+    rare = max(50, len(test_sets) // 20)
+    leaks = []
+    for rid, text in train.items():
+        grams = _shingles(text)
+        candidates = {tid for g in grams if len(index.get(g, ())) <= rare for tid in index.get(g, ())}
+        if not candidates:  # only common 3-grams (a very short text): every test text that shares one
+            candidates = {tid for g in grams for tid in index.get(g, ())}
+        for tid in candidates:
+            n = len(grams & test_sets[tid])
+            jaccard = n / (len(grams) + len(test_sets[tid]) - n)
+            if jaccard >= min_jaccard and (rid, tid) not in seen:
+                seen.add((rid, tid))
+                leaks.append(Leak(rid, tid, f"fuzzy {kind}", None, text, test[tid]))
+    return leaks
+
+
 def _near(model, train: Mapping[str, str], test: Mapping[str, str], kind: str, threshold: float, batch_size: int,
           seen: Set[tuple], is_query: bool) -> List[Leak]:
     train_ids, test_ids = list(train), list(test)
@@ -114,10 +147,11 @@ def _near(model, train: Mapping[str, str], test: Mapping[str, str], kind: str, t
 
 def check_leakage(train_queries: Mapping[str, str], test_queries: Mapping[str, str],
                   train_positives: Optional[Mapping[str, str]] = None, model=None, threshold: float = 0.95,
-                  batch_size: int = 64) -> LeakReport:
+                  batch_size: int = 64, min_jaccard: Optional[float] = 0.8) -> LeakReport:
     """Training examples (``{id: query}``, and optionally ``{id: positive text}`` under the same ids) that
-    equal a test query after :func:`normalise`, or (with ``model``) whose embedding has cosine >= ``threshold``
-    with one. Near pairs already found exact are not counted twice."""
+    equal a test query after :func:`normalise`, share >= ``min_jaccard`` of their character 3-grams with one
+    (None: off), or (with ``model``) whose embedding has cosine >= ``threshold`` with one. A pair is counted
+    once, under the first test that finds it (exact, fuzzy, near)."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     sources = {"query": train_queries, **({"positive": train_positives} if train_positives else {})}
@@ -125,8 +159,10 @@ def check_leakage(train_queries: Mapping[str, str], test_queries: Mapping[str, s
     for kind, texts in sources.items():
         exact = _exact(texts, test_queries, kind)
         leaks += exact
+        seen = {(leak.train_id, leak.test_id) for leak in exact}
+        if min_jaccard is not None and kind == "query":  # documents against queries: exact and near only
+            leaks += _fuzzy(texts, test_queries, kind, min_jaccard, seen)
         if model is not None:
-            seen = {(leak.train_id, leak.test_id) for leak in exact}
             leaks += _near(model, texts, test_queries, kind, threshold, batch_size, seen, is_query=kind == "query")
     counts: Dict[str, int] = {}
     for leak in leaks:
