@@ -289,12 +289,13 @@ def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedT
                 rescore_multiplier=model_args.rescore_multiplier, rescore_with_float=model_args.rescore_with_float,
             ).metrics
         else:
-            result["metrics"] = evaluate_retrieval(model, data).metrics
+            final = evaluate_retrieval(model, data)
+            result["metrics"] = final.metrics
             if data_args.report_html and args.do_train:
                 from .embed_report import write_embed_report
 
                 result["report"] = write_embed_report(
-                    load_model(model_args), model, data, trainer, args.output_dir, data_args.eval_split,
+                    load_model(model_args), final, data, trainer, args.output_dir, data_args.eval_split,
                     model_args.model_name_or_path, data_args.eval_data_dir, result.get("leakage"))
         print(json.dumps(result["metrics"], indent=2))
         if args.eval_dims:

@@ -16,11 +16,11 @@ def _top(run) -> Dict[str, list]:
     return {q: sorted(hits, key=hits.get, reverse=True)[:3] for q, hits in run.items()}
 
 
-def write_embed_report(base_model, model, data, trainer, output_dir: str, split: str, model_name: str, data_dir: str,
+def write_embed_report(base_model, after, data, trainer, output_dir: str, split: str, model_name: str, data_dir: str,
                        leakage: Optional[Dict[str, Any]] = None, seconds: Optional[Dict[str, float]] = None) -> str:
-    """Evaluate ``base_model`` and ``model`` on ``data``; write report.html, README.md and the figures to
-    ``output_dir``; returns the page's path."""
-    before, after = evaluate_retrieval(base_model, data), evaluate_retrieval(model, data)
+    """Evaluate ``base_model`` on ``data`` (``after``: the trained model's ``RetrievalResult`` there); write
+    report.html, README.md and the figures to ``output_dir``; returns the page's path."""
+    before = evaluate_retrieval(base_model, data)
     base_q = {split: per_query(before.run, data.qrels)["ndcg@10"]}
     final_q = {split: per_query(after.run, data.qrels)["ndcg@10"]}
     history = trainer.state.log_history
