@@ -27,6 +27,8 @@ EXPECTED_SKIPS = {
     ("README.md", "pip install torch==2.13.0"),   # network: installs from the package registries
     ("README.md", "make demo"),                   # the 15-90 minute main job; make test is this suite itself
     ("docs/speed.md", "OMP_WAIT_POLICY=PASSIVE python benchmarks/peers.py --data_dir ../shared/data/scifact"),  # venvs
+    ("docs/serving.md", "OMP_WAIT_POLICY=PASSIVE python benchmarks/serve.py --compare infinity --texts mixed "
+                        "--infinity_engines torch,optimum"),  # makes infinity-emb's venv from the registries
 }
 SMALL_TEST_QUERIES, SMALL_TRAIN_QUERIES, SMALL_DOCS, SMALL_TEXT_CHARS = 10, 64, 120, 600
 

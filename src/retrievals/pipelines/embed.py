@@ -254,7 +254,8 @@ def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedT
     result: Dict[str, Any] = {}
     if args.do_train and getattr(args, "final_eval", args.do_eval) and data_args.eval_data_dir and data_args.data_name_or_path:
         data_args.data_name_or_path, result["leakage"] = check_training_file(
-            data_args.data_name_or_path, data_args.eval_data_dir, data_args.eval_split, model, data_args.leak_threshold,
+            data_args.data_name_or_path, data_args.eval_data_dir, data_args.eval_split,
+            model if hasattr(model, "encode_queries") else None, data_args.leak_threshold,  # multi-vector: no cosine
             data_args.on_leak, data_args.query_key, data_args.positive_key, args.output_dir)
     if args.do_train:
         trainer = train(model, model_args, data_args, args)
