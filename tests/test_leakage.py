@@ -131,3 +131,9 @@ def test_a_typo_is_found_by_character_trigrams_without_a_model():
     assert check_leakage({**TRAIN, "p": "Does asprin reduce the risk of heart attack?"}, TEST, min_jaccard=None).leaks == []
     # different claims that share many words are not near copies
     assert check_leakage({"x": "Smoking increases heart disease incidence."}, TEST).leaks == []
+
+
+def test_short_texts_are_not_fuzzy_matches():
+    # two-word queries share most of their 3-grams by chance: only exact (and near, with a model) for them
+    assert check_leakage({"a": "cat dot"}, {"t": "cat dog"}).leaks == []
+    assert [leak.kind for leak in check_leakage({"a": "CAT DOG!"}, {"t": "cat dog"}).leaks] == ["exact query"]

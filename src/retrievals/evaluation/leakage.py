@@ -27,6 +27,7 @@ __all__ = ["LEAK_POLICIES", "Leak", "LeakReport", "check_leakage", "normalise"]
 LEAK_POLICIES = {"warn": "report and go on", "error": "stop before training",
                  "drop": "remove the leaked training examples (the test split is never changed)"}
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
+FUZZY_MIN_CHARS = 20
 
 
 def normalise(text: str) -> str:
@@ -102,7 +103,9 @@ def _fuzzy(train: Mapping[str, str], test: Mapping[str, str], kind: str, min_jac
     """Pairs whose character 3-gram Jaccard similarity is >= ``min_jaccard``. Candidates share a rare 3-gram
     (one in at most max(50, 5%) of the test texts; a near copy shares most of its 3-grams, rare ones too),
     found through an inverted index: the cost grows with shared rare 3-grams, not with train x test."""
-    test_sets = {tid: _shingles(text) for tid, text in test.items()}
+    # texts under FUZZY_MIN_CHARS characters share most 3-grams by chance ("cat dog" ~ "cat dot"): exact and
+    # near only for them
+    test_sets = {tid: _shingles(text) for tid, text in test.items() if len(normalise(text)) >= FUZZY_MIN_CHARS}
     index: Dict[str, List[str]] = {}
     for tid, grams in test_sets.items():
         for g in grams:
@@ -110,6 +113,8 @@ def _fuzzy(train: Mapping[str, str], test: Mapping[str, str], kind: str, min_jac
     rare = max(50, len(test_sets) // 20)
     leaks = []
     for rid, text in train.items():
+        if len(normalise(text)) < FUZZY_MIN_CHARS:
+            continue
         grams = _shingles(text)
         candidates = {tid for g in grams if len(index.get(g, ())) <= rare for tid in index.get(g, ())}
         if not candidates:  # only common 3-grams (a very short text): every test text that shares one
