@@ -174,14 +174,11 @@ def per_query(args, record: dict):
 
 
 def paired(a: Dict[str, float], b: Dict[str, float], resamples: int = 1000, seed: int = 0) -> str:
-    """Mean of ``a - b`` over the queries with a 95% paired bootstrap interval."""
-    import numpy as np
+    """Mean of ``a - b`` over the queries with a 95% paired bootstrap interval (the package's own)."""
+    from retrievals.evaluation.significance import paired_difference
 
-    diff = np.array([a[q] - b[q] for q in sorted(a)])
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return f"{diff.mean():+.4f} [{low:+.4f}, {high:+.4f}]"
+    d = paired_difference(a, b, resamples=resamples, seed=seed).difference
+    return f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
 
 
 def short(cmd: str) -> str:
