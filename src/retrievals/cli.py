@@ -16,6 +16,7 @@ COMMANDS = {
     "encode": ("retrievals.pipelines.encode", "encode a corpus of any size into Parquet shards of vectors"),
     "index": ("retrievals.pipelines.index", "build a faiss index over a vectors folder"),
     "search": ("retrievals.pipelines.search", "search an index with a file of queries (TREC run or JSONL)"),
+    "synthesize": ("retrievals.pipelines.synthesize", "generate queries for a corpus with a local LM (no labels needed)"),
     "check-data": ("retrievals.pipelines.check_data", "find training queries that leak into a test split"),
 }
 

@@ -61,6 +61,20 @@ class FinetuneArguments:
     teacher_temperature: float = field(default=1.0, metadata={"help": "Teacher score temperature of listwise_kl"})
     on_leak: str = field(default="warn", metadata={"help": ON_LEAK_HELP})
     leak_threshold: float = field(default=0.95, metadata={"help": "Base-model cosine of a near-copied query"})
+    no_labels: bool = field(default=False, metadata={
+        "help": "Adapt without labelled queries: train on queries a local LM writes for the documents (the train "
+                "qrels are never read); see --generator, --synthetic_dir"})
+    synthetic_dir: Optional[str] = field(default=None, metadata={
+        "help": "--no_labels: folder of the synthetic queries (a finished one is reused, a killed one resumed; "
+                "default OUTPUT_DIR/synthetic)"})
+    generator: str = field(default="smollm2", metadata={"help": "--no_labels: a causal/seq2seq LM folder, a .gguf "
+                                                                 "file, or smollm2 (packaged)"})
+    synthetic_template: str = field(default="question", metadata={"help": "--no_labels: question, claim or keyword"})
+    queries_per_document: int = field(default=3, metadata={"help": "--no_labels: queries generated per document"})
+    synthetic_documents: Optional[int] = field(default=None, metadata={
+        "help": "--no_labels: generate for the first N documents only (generation is most of the time on a CPU)"})
+    consistency_top_k: int = field(default=20, metadata={
+        "help": "--no_labels: keep a synthetic query when the base model finds its document in this top-k (0: off)"})
     embedding_cache: Optional[str] = field(default=None, metadata={
         "help": "Folder keeping the base model's corpus vectors, keyed by the model's fingerprint, the texts and "
                 "the precision: the next run with the same model and corpus reads them instead of encoding"})
@@ -85,6 +99,13 @@ class FinetuneArguments:
             raise ValueError(f"--loss_fn {self.loss_fn} distils scores of mined negatives: it needs "
                              "--train_group_size >= 2 and cannot take --hn_refresh_steps (refreshed negatives "
                              "have no teacher scores)")
+
+        if self.no_labels:
+            from ..synthesis.templates import get_template
+
+            get_template(self.synthetic_template)
+            if self.queries_per_document < 1:
+                raise ValueError(f"--queries_per_document must be >= 1, got {self.queries_per_document}")
 
     @property
     def train_length(self) -> int:

@@ -50,9 +50,12 @@ REFERENCE_WEIGHTS = 10.6e6
 def load_splits(args: FinetuneArguments) -> Tuple[BeirDataset, Optional[BeirDataset], Optional[BeirDataset]]:
     """``(train, dev, test)``: ``dev`` carved from train when ``--dev_fraction`` (the rest is trained on);
     ``test`` is ``None`` with ``--eval_on dev``: the test split is not even read."""
-    train = load_beir(args.data_dir, "train", empty_documents=args.empty_documents)
+    if args.no_labels:  # the corpus alone: queries come from synthesize (adapt.synthetic_splits)
+        train = replace(load_beir(args.data_dir, "test", empty_documents=args.empty_documents), queries={}, qrels={})
+    else:
+        train = load_beir(args.data_dir, "train", empty_documents=args.empty_documents)
     dev = None
-    if args.dev_fraction:
+    if args.dev_fraction and not args.no_labels:
         train, dev = split_queries(train, args.dev_fraction, args.dev_seed, args.dev_kind)
         logger.info("dev split (%s, seed %d): %d queries held out of the train split, %d trained on",
                     args.dev_kind, args.dev_seed, len(dev.queries), len(train.queries))
@@ -69,8 +72,14 @@ def run_finetune(args: FinetuneArguments) -> Dict[str, Any]:
     counts and refreshes. Each round's negatives and model are kept in ``output_dir/round-<r>`` (with one
     round, the model is saved in ``output_dir`` only)."""
     train, dev, test = load_splits(args)
-    sets = {name: data for name, data in (("dev", dev), ("test", test)) if data is not None}
     model = load_base(args)
+    corpus_emb = None
+    if args.no_labels:
+        from .adapt import synthetic_splits
+
+        corpus_emb, _ = encode_corpus_cached(model, train.corpus_texts(), args.embedding_cache)
+        train, dev = synthetic_splits(args, model, train, corpus_emb)
+    sets = {name: data for name, data in (("dev", dev), ("test", test)) if data is not None}
     train, leakage = check_splits(train, sets, model, args.leak_threshold, args.on_leak, "finetune_beir")
     records = training_records(train)
     if len(records) < args.batch_size:  # before any encoding: the trainer would only say "max_steps must be set"
@@ -83,7 +92,9 @@ def run_finetune(args: FinetuneArguments) -> Dict[str, Any]:
     print(f"CPU: {cpu_class()}; estimated time: {estimate_seconds(args, len(texts), len(records), per_token) / 60:.0f} "
           "min", flush=True)
     start = time.perf_counter()
-    corpus_emb, cached = encode_corpus_cached(model, texts, args.embedding_cache)
+    cached = corpus_emb is not None
+    if not cached:
+        corpus_emb, cached = encode_corpus_cached(model, texts, args.embedding_cache)
     seconds, tokens = time.perf_counter() - start, len(texts) * args.document_max_length
     if not cached:
         rest = estimate_seconds(args, len(texts), len(records), seconds / tokens) - seconds
