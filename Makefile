@@ -10,7 +10,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv system-deps demo eval test test-fast lint docs bench bench-peers bench-serve clean
+.PHONY: venv system-deps demo adapt eval test test-fast lint docs bench bench-peers bench-serve clean
 
 venv: $(VENV)/.installed
 
@@ -40,6 +40,15 @@ DEMO_RECIPE ?= --learning_rate 1e-4 --rounds 2 --train_document_max_length 128 -
 demo: venv
 	$(PY) -m retrievals.pipelines.finetune_beir --model_name_or_path "$(MODEL_DIR)" --data_dir $(DATA_DIR)/scifact \
 		--output_dir $(DEMO_OUT) --seed $(SEED) $(DEMO_RECIPE)
+
+# Adaptation without labelled queries (docs/adaptation.md): SmolLM2-135M writes 3 questions for each of the first
+# 2,000 abstracts, the base model's top-20 keeps the consistent ones, the main job trains on them (train qrels unread).
+ADAPT_OUT ?= outputs/scifact-adapted
+ADAPT_RECIPE ?= --no_labels --synthetic_documents 2000 --queries_per_document 3 --learning_rate 1e-4 --epochs 1 \
+	--train_document_max_length 128 --dev_fraction 0.1 --dev_kind disjoint
+adapt: venv
+	$(PY) -m retrievals.pipelines.finetune_beir --model_name_or_path "$(MODEL_DIR)" --data_dir $(DATA_DIR)/scifact \
+		--output_dir $(ADAPT_OUT) --seed $(SEED) $(ADAPT_RECIPE)
 
 eval: venv
 	$(PY) -m retrievals.pipelines.eval --model_name_or_path "$(MODEL_DIR)" --data_dir $(DATA_DIR)/scifact
