@@ -250,3 +250,12 @@ def test_the_packaged_smollm2_writes_questions_about_the_document():
         named += any(subject in q.lower() for q in kept)
     assert named >= 1  # a 135M model: not every kept question names its document's subject
     assert out == g.generate(docs, get_template("question"), per_document=6, seed=0)  # seeded
+
+
+def test_a_wrong_generator_path_writes_nothing_and_a_fixed_rerun_starts(tiny_generator_dir, tmp_path):
+    out = tmp_path / "syn"
+    settings = dict(corpus=_corpus(tmp_path, 2), output_dir=str(out), max_new_tokens=3, per_document=1)
+    with pytest.raises(FileNotFoundError, match="neither a model folder"):
+        generate_all(SynthesisJob(generator=str(tmp_path / "typo"), **settings))
+    assert not out.exists()
+    assert generate_all(SynthesisJob(generator=tiny_generator_dir, **settings))["documents"] == 2

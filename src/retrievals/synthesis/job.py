@@ -124,9 +124,9 @@ def _done_parts(job: SynthesisJob) -> Tuple[set, QueryFilter]:
 
 def _check_settings(job: SynthesisJob) -> None:
     """A resumed job must have the settings of the parts it goes on from."""
-    path = os.path.join(job.output_dir, SUMMARY)
-    if not os.path.exists(path):
-        return
+    path, parts = os.path.join(job.output_dir, SUMMARY), os.path.join(job.output_dir, "parts")
+    if not os.path.exists(path) or not any(name.endswith(".jsonl") for name in os.listdir(parts)):
+        return  # nothing generated yet (e.g. a first run stopped by a wrong generator path): any settings go
     with open(path, encoding="utf-8") as f:
         before = json.load(f).get("settings", {})
     changed = sorted(k for k, v in job.settings().items() if k != "max_documents" and before.get(k, v) != v)
@@ -139,6 +139,9 @@ def generate_all(job: SynthesisJob, num_workers: int = 0, ray_address: Optional[
                  progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, Any]:
     """Generate and filter every shard not yet written; returns ``{"documents", "generated", "seconds",
     "counts"}`` of this run (counts: every verdict of every part, resumed ones included)."""
+    from .generator import resolve_generator
+
+    resolve_generator(job.generator, job.gguf_file)  # a wrong path fails here, before anything is written
     os.makedirs(os.path.join(job.output_dir, "parts"), exist_ok=True)
     _check_settings(job)
     write_json_atomic(os.path.join(job.output_dir, SUMMARY), {"settings": job.settings(), "done": False})
