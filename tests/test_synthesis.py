@@ -47,6 +47,7 @@ def test_clean_query_strips_labels_quotes_and_later_lines():
     assert clean_query("   \n  ") == ""
     assert clean_query("What is the answer to this question? Does aspirin lower fever?") == "Does aspirin lower fever?"
     assert clean_query("The answer to this question is: What is a moon?") == "What is a moon?"
+    assert clean_query("The question is: How does a moon form?") == "How does a moon form?"
 
 
 def test_each_filter_names_its_reason():

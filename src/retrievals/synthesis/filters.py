@@ -19,7 +19,8 @@ _LABEL = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*|(?:question|query|claim|searc
 # a query that talks about its source ("the passage says", "Here is the claim:") or about itself ("What is the
 # answer to this question?", SmolLM2-135M's favourite) is no search query
 # small instruct models open with a sentence about the task ("What is the answer to this question? <the question>")
-_META = re.compile(r"^(?:what is )?(?:the )?answer to (?:this|the) question(?: is)?\s*[:?.]?\s*", re.I)
+_META = re.compile(r"^(?:(?:what is )?(?:the )?answer to (?:this|the) question(?: is)?|(?:the|my) question is)"
+                   r"\s*[:?.]?\s*", re.I)
 _CONTEXT = re.compile(r"\b(?:passage|abstract|excerpt|paragraph|the (?:text|article|document|study|claim|question)|"
                       r"here is|here's|the above|the following|this question|the answer)\b", re.I)
 REASONS = ("empty", "unfinished", "too_short", "too_long", "script", "copy", "context", "duplicate", "inconsistent",
