@@ -96,6 +96,21 @@ def _one_torchrun_at_a_time(args: Sequence[str]) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def one_ray_at_a_time() -> Iterator[None]:
+    """Tests that start Ray take turns across the xdist workers (a file lock): the Ray tests count the Ray
+    processes alive after a job, and another test's cluster would be counted (test_two_actors_equal_one_process
+    failed so in a clean-clone run once a synthesis test started Ray on the other worker)."""
+    import fcntl
+
+    with open(os.path.join("/tmp", "retrievals-tests-ray.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _gloo_rank(rank: int, port: int, world: int, fn, args) -> None:
     from datetime import timedelta
 

@@ -8,6 +8,7 @@ run in a test carry ``<!-- test: skip reason="..." -->`` and are listed in EXPEC
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import json
@@ -20,6 +21,7 @@ import torch
 
 from docs_blocks import REPO, case_id, collect_cases
 from docs_runner import case_servers, free_port, make_sandbox, run_block
+from processes import one_ray_at_a_time
 
 CASES, SKIPPED = collect_cases()
 # (file, first command of the block): the blocks that do not run, each for the reason its comment gives
@@ -133,7 +135,8 @@ def test_doc_block_runs(case, resources, tmp_path, monkeypatch):
     cwd = make_sandbox(str(tmp_path), case, resources)
     monkeypatch.chdir(cwd)
     port, default = free_port(), 600 if any(b.has("slow") for b in case) else 180
-    with case_servers(case[0], cwd, port):
+    starts_ray = any("--engine ray" in b.code for b in case)  # the Ray engine's tests count Ray processes
+    with one_ray_at_a_time() if starts_ray else contextlib.nullcontext(), case_servers(case[0], cwd, port):
         for block in case:
             run_block(block, cwd, port, int(block.value("timeout", default)))
     for name in ("my-model", "run.trec", "train_scored.jsonl", "checkpoints"):  # outputs of the blocks

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from processes import running
+from processes import one_ray_at_a_time, running
 from retrievals import AutoModelForEmbedding
 from retrievals.index import EncodeJob, LoadedIndex, Searcher, VectorsManifest, build_index, encode_to_shards
 from test_index import all_vectors, write_corpus
@@ -31,6 +31,12 @@ def model_dir(tmp_path_factory):
     path = _save_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert_ray")))
     AutoModelForEmbedding.from_pretrained(path, pooling_method="mean").save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _one_ray_at_a_time():
+    with one_ray_at_a_time():
+        yield
 
 
 @pytest.fixture
