@@ -86,24 +86,23 @@ def _one_torchrun_at_a_time(args: Sequence[str]) -> Iterator[None]:
     if "torch.distributed.run" not in args:
         yield
         return
-    import fcntl
-
-    with open(os.path.join("/tmp", "retrievals-tests-torchrun.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with _taking_turns("retrievals-tests-torchrun.lock"):
+        yield
 
 
-@contextlib.contextmanager
-def one_ray_at_a_time() -> Iterator[None]:
+def one_ray_at_a_time():
     """Tests that start Ray take turns across the xdist workers (a file lock): the Ray tests count the Ray
     processes alive after a job, and another test's cluster would be counted (test_two_actors_equal_one_process
     failed so in a clean-clone run once a synthesis test started Ray on the other worker)."""
+    return _taking_turns("retrievals-tests-ray.lock")
+
+
+@contextlib.contextmanager
+def _taking_turns(name: str) -> Iterator[None]:
+    """An exclusive lock on ``/tmp/<name>`` for the block: the xdist workers' processes take turns."""
     import fcntl
 
-    with open(os.path.join("/tmp", "retrievals-tests-ray.lock"), "a") as lock:
+    with open(os.path.join("/tmp", name), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
