@@ -30,7 +30,7 @@ from ..trainer import RetrievalTrainer
 from ..trainer.checkpoints import last_complete_checkpoint, warn_if_world_size_changed
 from .arguments import DataArguments, EmbedTrainingArguments, ModelArguments
 from .check_data import check_training_file
-from .cli import run_cli
+from .cli import leave_process_group, run_cli
 from .multi_vector import evaluate_multi_vector, maxsim_loss_kwargs, wrap_multi_vector
 
 logger = logging.getLogger(__name__)
@@ -234,20 +234,6 @@ def encode_corpus_to_disk(model, data_dir: str, output_dir: str) -> str:
     return path
 
 
-def _leave_process_group() -> None:
-    """Under torchrun: wait for rank 0's save, then tear the process group down and free gloo's objects
-    (a garbage collection), so no rank exits while gloo threads are still running: left to interpreter exit,
-    their destruction aborted a rank ("terminate called without an active exception") in 11 of 80 runs."""
-    import gc
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-        gc.collect()
-
-
 def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedTrainingArguments) -> Dict[str, Any]:
     """Train (``do_train``), save, encode (``do_encode``) and evaluate (``do_eval``); returns a summary."""
     set_seed(args.seed)  # random inits (LoRA's A, a projection head) equal on every rank and in every run
@@ -271,7 +257,7 @@ def run_embed(model_args: ModelArguments, data_args: DataArguments, args: EmbedT
                 from .pointwise import save_head
 
                 save_head(args.output_dir, trainer.loss_fn, trainer.train_dataset)
-    _leave_process_group()
+    leave_process_group()
     if not args.process_index == 0:
         return result
     if args.do_encode:

@@ -25,8 +25,8 @@ from ..data.pretrain import CropBounds, check_strategy
 from ..data.pretrain_stream import PretrainPairs, StreamPositionCallback, is_plain_text, scan_corpus
 from ..trainer import RetrievalTrainer
 from .arguments import EmbedTrainingArguments, ModelArguments, PretrainArguments
-from .cli import run_cli
-from .embed import _leave_process_group, build_loss, check_output_dir, load_model
+from .cli import leave_process_group, run_cli
+from .embed import build_loss, check_output_dir, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def run_pretrain(model_args: ModelArguments, pretrain_args: PretrainArguments,
         position.restore_rng = partial(trainer._load_rng_state, resume)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_embedding_model(args.output_dir, merge_lora=model_args.merge_lora)  # every rank joins
-    _leave_process_group()
+    leave_process_group()
     return {"corpus": counts, "steps": trainer.state.global_step,
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
 
