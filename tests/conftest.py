@@ -42,16 +42,24 @@ def _save_tiny_bert(path: str) -> str:
     return path
 
 
-def _save_tiny_decoder(path: str, kind: str) -> str:
+def word_tokenizer(words, max_length: int):
+    """A decoder's word-level tokenizer over ``words`` (ids 0-2: ``<unk>``, ``<s>``, ``</s>``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
+    from transformers import PreTrainedTokenizerFast
 
-    os.makedirs(path, exist_ok=True)
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", model_max_length=64)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=max_length)
+
+
+def _save_tiny_decoder(path: str, kind: str) -> str:
+    from transformers import LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model
+
+    os.makedirs(path, exist_ok=True)
+    tokenizer = word_tokenizer(WORDS, 64)
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(0)
     common = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,

@@ -6,13 +6,15 @@ import json
 import os
 import threading
 
+import numpy as np
 import pytest
 import torch
+from conftest import word_tokenizer
 
 from retrievals.synthesis import FilterSettings, QueryFilter, clean_query, get_template
 from retrievals.synthesis import job as job_module
-from retrievals.synthesis.filters import script
-from retrievals.synthesis.generator import QueryGenerator, Unfinished
+from retrievals.synthesis.filters import Unfinished, script
+from retrievals.synthesis.generator import QueryGenerator
 from retrievals.synthesis.job import SynthesisJob, generate_all, read_parts
 
 WORDS = "the a cat dog fish sky sun moon ocean blue red green what is of and".split()
@@ -20,15 +22,11 @@ WORDS = "the a cat dog fish sky sun moon ocean blue red green what is of and".sp
 
 @pytest.fixture(scope="module")
 def tiny_generator_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     path = str(tmp_path_factory.mktemp("tiny_generator"))
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", model_max_length=256)
+    tokenizer = word_tokenizer(WORDS, 256)
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
@@ -158,14 +156,19 @@ def test_a_killed_job_resumes_without_regenerating_and_ends_as_an_uninterrupted_
         generate_all(SynthesisJob(output_dir=str(tmp_path / "killed"), **{**settings, "template": "claim"}))
 
 
-def test_synthesize_writes_a_beir_folder_with_counted_verdicts(tiny_generator_dir, minilm_dir, tmp_path):
+def test_synthesize_writes_a_beir_folder_with_counted_verdicts(tiny_generator_dir, minilm_dir, tiny_bert_dir,
+                                                              tmp_path):
+    from test_distillation import _save_cross_encoder
+
     from retrievals.data.beir import load_beir
+    from retrievals.models.cross_encoder import CrossEncoder
     from retrievals.pipelines.synthesize import SynthesizeArguments, run_synthesize
 
     out = str(tmp_path / "syn")
-    summary = run_synthesize(SynthesizeArguments(
-        corpus=_corpus(tmp_path), output_dir=out, generator=tiny_generator_dir, per_document=3, shard_size=4,
-        max_new_tokens=20, temperature=1.0, min_words=1, embedder=minilm_dir, consistency_top_k=4))
+    settings = dict(corpus=_corpus(tmp_path), output_dir=out, generator=tiny_generator_dir, per_document=3,
+                    shard_size=4, max_new_tokens=20, temperature=1.0, min_words=1, embedder=minilm_dir,
+                    consistency_top_k=4)
+    summary = run_synthesize(SynthesizeArguments(**settings))
     records = [json.loads(line) for line in open(os.path.join(out, "generated.jsonl"))]
     assert len(records) == summary["generated"] == 30 and sum(summary["counts"].values()) == 30
     assert summary["counts"].get("inconsistent", 0) > 0  # random words: many documents are not in the top 4
@@ -174,6 +177,18 @@ def test_synthesize_writes_a_beir_folder_with_counted_verdicts(tiny_generator_di
     assert len(data.queries) == summary["kept"] == len(kept) > 0
     assert all(data.qrels[r["query_id"]] == {r["doc_id"]: 1} and data.queries[r["query_id"]] == r["query"]
                for r in kept)
+
+    # a rerun with a cross-encoder generates nothing new and rejects the kept pairs it scores below the threshold
+    cross_encoder = _save_cross_encoder(tiny_bert_dir, tmp_path / "ce")
+    texts = {json.loads(line)["_id"]: json.loads(line)["text"] for line in open(settings["corpus"])}
+    scores = CrossEncoder.from_pretrained(cross_encoder).predict([(r["query"], texts[r["doc_id"]]) for r in kept])
+    sigmoid = 1 / (1 + np.exp(-np.asarray(scores, dtype=np.float64)))
+    threshold = float(np.median(sigmoid))
+    again = run_synthesize(SynthesizeArguments(**settings, cross_encoder=cross_encoder, cross_encoder_threshold=threshold))
+    assert again["generated"] == 30 and again["counts"]["cross_encoder"] == int((sigmoid < threshold).sum()) > 0
+    survivors = {r["query"] for r in (json.loads(line) for line in open(os.path.join(out, "generated.jsonl")))
+                 if r["reason"] is None}
+    assert survivors == {r["query"] for r, p in zip(kept, sigmoid) if p >= threshold}
 
 
 def test_consistency_keeps_a_query_only_when_its_document_is_in_the_top_k(minilm_dir):

@@ -69,9 +69,10 @@ class SynthesizeArguments:
             filters=FilterSettings(min_words=self.min_words, max_words=self.max_words))
 
 
-def _documents(job: SynthesisJob, wanted: set) -> Dict[str, str]:
+def _documents(job: SynthesisJob) -> Dict[str, str]:
+    """The corpus as ``{id: text}``, read once for both filters (generation streamed it)."""
     reader = CorpusReader(job.corpus, CorpusOptions(empty_documents=job.empty_documents))
-    return {row.id: row.text for row in reader if row.id in wanted}
+    return {row.id: row.text for row in reader}
 
 
 def filter_consistency(records: List[dict], model, corpus_ids: List[str], corpus_vectors: np.ndarray,
@@ -90,23 +91,23 @@ def run_synthesize(args: SynthesizeArguments, model=None, corpus_ids: Optional[L
     job = args.job()
     run = generate_all(job, args.num_workers, args.ray_address)
     records = read_parts(job.output_dir)
+    texts: Dict[str, str] = {}
     if args.consistency_top_k and (model is not None or args.embedder):
         if model is None:
             from ..models.embedding_model import AutoModelForEmbedding
 
             model = AutoModelForEmbedding.from_pretrained(args.embedder)
         if corpus_vectors is None:
-            reader = CorpusReader(job.corpus, CorpusOptions(empty_documents=job.empty_documents))
-            rows = [(row.id, row.text) for row in reader]
-            corpus_ids = [i for i, _ in rows]
-            corpus_vectors = model.encode_corpus([t for _, t in rows], show_progress_bar=True)
+            texts = _documents(job)
+            corpus_ids = list(texts)
+            corpus_vectors = model.encode_corpus(list(texts.values()), show_progress_bar=True)
         rejected = filter_consistency(records, model, corpus_ids, corpus_vectors, args.consistency_top_k)
         logger.info("consistency filter (top-%d): %d queries rejected", args.consistency_top_k, rejected)
     if args.cross_encoder:
         from ..models.cross_encoder import CrossEncoder
 
         todo = [i for i, r in enumerate(records) if r["reason"] is None]
-        texts = _documents(job, {records[i]["doc_id"] for i in todo})
+        texts = texts or _documents(job)
         keep = consistency.cross_encoder_pass(CrossEncoder.from_pretrained(args.cross_encoder),
                                               [records[i]["query"] for i in todo],
                                               [texts[records[i]["doc_id"]] for i in todo], args.cross_encoder_threshold)

@@ -27,6 +27,11 @@ REASONS = ("empty", "unfinished", "too_short", "too_long", "script", "copy", "co
            "cross_encoder")
 
 
+class Unfinished(str):
+    """A generation cut by ``max_new_tokens`` before it ended: the generator marks it, the filter rejects it
+    as ``unfinished``."""
+
+
 def clean_query(generated: str) -> str:
     """The first non-empty line of a generation, without a leading label ("Question:", "1.", "-"), an opening
     sentence about the task ("The answer to this question is:") or surrounding quotes, whitespace collapsed."""
@@ -112,7 +117,7 @@ class QueryFilter:
         with self._lock:
             for generated in generations:
                 query = clean_query(generated)
-                why = "unfinished" if type(generated).__name__ == "Unfinished" else self.reason(query, document)
+                why = "unfinished" if isinstance(generated, Unfinished) else self.reason(query, document)
                 if why is None and self.settings.deduplicate:
                     key = self._key(query)
                     why = "duplicate" if key in self._seen else None

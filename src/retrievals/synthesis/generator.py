@@ -21,6 +21,7 @@ import torch
 
 from ..models.loading import check_local_weights, has_custom_code
 from ..models.precision import cpu_has_fast_bf16
+from .filters import Unfinished
 from .templates import PromptTemplate
 
 logger = logging.getLogger(__name__)
@@ -49,10 +50,6 @@ def resolve_generator(name_or_path: str, gguf_file: Optional[str] = None) -> tup
         raise FileNotFoundError(f"generator {name_or_path!r} is neither a model folder, a .gguf file, nor one of "
                                 f"the packaged names ({', '.join(PACKAGED)})")
     return name_or_path, gguf_file
-
-
-class Unfinished(str):
-    """A generation cut by ``max_new_tokens`` before it ended (the filter rejects it as ``unfinished``)."""
 
 
 class QueryGenerator:
