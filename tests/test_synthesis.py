@@ -9,8 +9,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import word_tokenizer
 
+from conftest import word_tokenizer
 from retrievals.synthesis import FilterSettings, QueryFilter, clean_query, get_template
 from retrievals.synthesis import job as job_module
 from retrievals.synthesis.filters import Unfinished, script
@@ -158,11 +158,10 @@ def test_a_killed_job_resumes_without_regenerating_and_ends_as_an_uninterrupted_
 
 def test_synthesize_writes_a_beir_folder_with_counted_verdicts(tiny_generator_dir, minilm_dir, tiny_bert_dir,
                                                               tmp_path):
-    from test_distillation import _save_cross_encoder
-
     from retrievals.data.beir import load_beir
     from retrievals.models.cross_encoder import CrossEncoder
     from retrievals.pipelines.synthesize import SynthesizeArguments, run_synthesize
+    from test_distillation import _save_cross_encoder
 
     out = str(tmp_path / "syn")
     settings = dict(corpus=_corpus(tmp_path), output_dir=out, generator=tiny_generator_dir, per_document=3,
