@@ -46,6 +46,14 @@ def test_clean_query_strips_labels_quotes_and_later_lines():
     assert clean_query("What is the answer to this question? Does aspirin lower fever?") == "Does aspirin lower fever?"
     assert clean_query("The answer to this question is: What is a moon?") == "What is a moon?"
     assert clean_query("The question is: How does a moon form?") == "How does a moon form?"
+    # a claim wrapped in a sentence about it, and a second sentence the model ran on into
+    assert clean_query("The abstract supports the claim that aspirin lowers fever in adults.") == \
+        "Aspirin lowers fever in adults."
+    assert clean_query("The claim is that A20 decreases glioma growth. Glioblastomas are deadly") == \
+        "A20 decreases glioma growth."
+    assert clean_query("What is a red sun? What is a moon?") == "What is a red sun?"
+    assert clean_query("Cotton (Gossypium spp.) DNA, e.g. from leaves, is hard to extract.") == \
+        "Cotton (Gossypium spp.) DNA, e.g. from leaves, is hard to extract."
 
 
 def test_each_filter_names_its_reason():
@@ -67,7 +75,10 @@ def test_duplicates_are_dropped_across_documents_and_an_unfinished_generation_is
     first = f.check(["What is a red sun?", "what is a RED sun", Unfinished("What is the")], "A red sun sets.")
     assert [why for _, why in first] == [None, "duplicate", "unfinished"]
     assert f.check(["What is a red sun?"], "Another red sun document.")[0][1] == "duplicate"
-    assert dict(f.counts) == {"kept": 1, "duplicate": 2, "unfinished": 1}
+    # cut by the token limit after a complete first sentence: that sentence is the query
+    assert f.check([Unfinished("Red suns set late in winter. They are")], "A red sun sets.")[0] == \
+        ("Red suns set late in winter.", None)
+    assert dict(f.counts) == {"kept": 2, "duplicate": 2, "unfinished": 1}
     seen_again = QueryFilter(seen=["What is a red sun?"])  # a resumed job's filter
     assert seen_again.check(["What is a red sun?"], "A red sun.")[0][1] == "duplicate"
 

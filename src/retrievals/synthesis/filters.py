@@ -21,6 +21,13 @@ _LABEL = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*|(?:question|query|claim|searc
 # small instruct models open with a sentence about the task ("What is the answer to this question? <the question>")
 _META = re.compile(r"^(?:(?:what is )?(?:the )?answer to (?:this|the) question(?: is)?|(?:the|my) question is)"
                    r"\s*[:?.]?\s*", re.I)
+# larger instruct models wrap a claim in a sentence about it: "The abstract supports the claim that X", "The claim is
+# that X"; X is the claim
+_WRAPPED = re.compile(r"^(?:(?:the|this) (?:abstract|study|article|passage|paper|report|text) (?:supports|suggests|"
+                      r"shows|finds|confirms|refutes|states) (?:the claim )?that|the claim (?:is|would be) that)\s+",
+                      re.I)
+# the end of a first sentence followed by another: a terminator, a space, then an upper-case letter or a digit
+_SENTENCE_END = re.compile(r"(?<=[.?!])\s+(?=[A-Z0-9])")
 _CONTEXT = re.compile(r"\b(?:passage|abstract|excerpt|paragraph|the (?:text|article|document|study|claim|question)|"
                       r"here is|here's|the above|the following|this question|the answer)\b", re.I)
 REASONS = ("empty", "unfinished", "too_short", "too_long", "script", "copy", "context", "duplicate", "inconsistent",
@@ -33,13 +40,24 @@ class Unfinished(str):
 
 
 def clean_query(generated: str) -> str:
-    """The first non-empty line of a generation, without a leading label ("Question:", "1.", "-"), an opening
-    sentence about the task ("The answer to this question is:") or surrounding quotes, whitespace collapsed."""
+    """The first sentence of the first non-empty line of a generation, without a leading label ("Question:",
+    "1.", "-"), an opening sentence about the task ("The answer to this question is:"), a wrapper around a claim
+    ("The abstract supports the claim that ...") or surrounding quotes, whitespace collapsed."""
     for line in generated.splitlines():
         line = _LABEL.sub("", _META.sub("", _LABEL.sub("", line).strip())).strip().strip("\"'“”‘’`").strip()
+        wrapped = _WRAPPED.match(line)
+        if wrapped and len(line) > wrapped.end():
+            line = line[wrapped.end()].upper() + line[wrapped.end() + 1:]
+        line = _SENTENCE_END.split(line, maxsplit=1)[0].strip().strip("\"'“”‘’`").strip()
         if line:
             return " ".join(line.split())
     return ""
+
+
+def is_finished(query: str) -> bool:
+    """Whether a cleaned query ends as a sentence does: a generation cut by the token limit still gives a
+    query when its first sentence was complete."""
+    return query.endswith((".", "?", "!"))
 
 
 def normalize(text: str) -> str:
@@ -117,7 +135,8 @@ class QueryFilter:
         with self._lock:
             for generated in generations:
                 query = clean_query(generated)
-                why = "unfinished" if isinstance(generated, Unfinished) else self.reason(query, document)
+                cut = isinstance(generated, Unfinished) and not is_finished(query)
+                why = "unfinished" if cut else self.reason(query, document)
                 if why is None and self.settings.deduplicate:
                     key = self._key(query)
                     why = "duplicate" if key in self._seen else None
