@@ -49,10 +49,12 @@ def test_clean_query_strips_labels_quotes_and_later_lines():
     # a claim wrapped in a sentence about it, and a second sentence the model ran on into
     assert clean_query("The abstract supports the claim that aspirin lowers fever in adults.") == \
         "Aspirin lowers fever in adults."
-    assert clean_query("The claim is that A20 decreases glioma growth. Glioblastomas are deadly") == \
-        "A20 decreases glioma growth."
-    assert clean_query("What is a red sun? What is a moon?") == "What is a red sun?"
-    assert clean_query("Cotton (Gossypium spp.) DNA, e.g. from leaves, is hard to extract.") == \
+    assert clean_query("The claim is that A20 decreases glioma growth. Glioblastomas are deadly",
+                       first_sentence=True) == "A20 decreases glioma growth."
+    assert clean_query("What is a red sun? Is it hot?") == "What is a red sun? Is it hot?"  # whole, unless cut
+    assert clean_query("What is a red sun? Is it", first_sentence=True) == "What is a red sun?"
+    assert clean_query("What's the answer to this question? Is a red sun hot?") == "Is a red sun hot?"
+    assert clean_query("Cotton (Gossypium spp.) DNA, e.g. from leaves, is hard to extract. More", True) == \
         "Cotton (Gossypium spp.) DNA, e.g. from leaves, is hard to extract."
 
 

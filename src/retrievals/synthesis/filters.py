@@ -19,7 +19,7 @@ _LABEL = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*|(?:question|query|claim|searc
 # a query that talks about its source ("the passage says", "Here is the claim:") or about itself ("What is the
 # answer to this question?", SmolLM2-135M's favourite) is no search query
 # small instruct models open with a sentence about the task ("What is the answer to this question? <the question>")
-_META = re.compile(r"^(?:(?:what is )?(?:the )?answer to (?:this|the) question(?: is)?|(?:the|my) question is)"
+_META = re.compile(r"^(?:(?:what is |what's )?(?:the )?answer to (?:this|the) question(?: is)?|(?:the|my) question is)"
                    r"\s*[:?.]?\s*", re.I)
 # larger instruct models wrap a claim in a sentence about it: "The abstract supports the claim that X", "The claim is
 # that X"; X is the claim
@@ -39,16 +39,18 @@ class Unfinished(str):
     as ``unfinished``."""
 
 
-def clean_query(generated: str) -> str:
-    """The first sentence of the first non-empty line of a generation, without a leading label ("Question:",
-    "1.", "-"), an opening sentence about the task ("The answer to this question is:"), a wrapper around a claim
-    ("The abstract supports the claim that ...") or surrounding quotes, whitespace collapsed."""
+def clean_query(generated: str, first_sentence: bool = False) -> str:
+    """The first non-empty line of a generation (its first sentence only with ``first_sentence``: the filter
+    asks for it when the token limit cut the generation), without a leading label ("Question:", "1.", "-"), an
+    opening sentence about the task ("The answer to this question is:"), a wrapper around a claim ("The
+    abstract supports the claim that ...") or surrounding quotes, whitespace collapsed."""
     for line in generated.splitlines():
         line = _LABEL.sub("", _META.sub("", _LABEL.sub("", line).strip())).strip().strip("\"'“”‘’`").strip()
         wrapped = _WRAPPED.match(line)
         if wrapped and len(line) > wrapped.end():
             line = line[wrapped.end()].upper() + line[wrapped.end() + 1:]
-        line = _SENTENCE_END.split(line, maxsplit=1)[0].strip().strip("\"'“”‘’`").strip()
+        if first_sentence:
+            line = _SENTENCE_END.split(line, maxsplit=1)[0].strip().strip("\"'“”‘’`").strip()
         if line:
             return " ".join(line.split())
     return ""
@@ -134,8 +136,9 @@ class QueryFilter:
         out = []
         with self._lock:
             for generated in generations:
-                query = clean_query(generated)
-                cut = isinstance(generated, Unfinished) and not is_finished(query)
+                cut = isinstance(generated, Unfinished)
+                query = clean_query(generated, first_sentence=cut)
+                cut = cut and not is_finished(query)
                 why = "unfinished" if cut else self.reason(query, document)
                 if why is None and self.settings.deduplicate:
                     key = self._key(query)
