@@ -40,8 +40,9 @@ def run_cli(argument_types: Sequence[type], run: Callable[..., Any], argv: Optio
 
 def leave_process_group() -> None:
     """Under torchrun, at the end of a job: wait for every rank (rank 0's save is on disk past this barrier),
-    then deregister the process group but keep the object, so that no collective runs after this and gloo's
-    destructor never runs in this process: ``run_cli`` ends the worker with ``os._exit``.
+    then deregister the process group. In a torchrun worker (``TORCHELASTIC_RUN_ID`` set) the object is kept, so
+    that gloo's destructor never runs in it: ``run_cli`` ends the worker with ``os._exit``. Any other process
+    (one that set up its own group, a test) only deregisters it and is never ended by ``run_cli``.
 
     The destructor, run by the main thread with the GIL held (when a pipeline's locals, DDP's reducer among
     them, were freed), waits for a lock that one of gloo's threads holds while it waits for the GIL to free a
@@ -52,7 +53,8 @@ def leave_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        _KEPT.append(dist.group.WORLD)
+        if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun worker: run_cli ends it with os._exit
+            _KEPT.append(dist.group.WORLD)
         dist.destroy_process_group()
 
 
