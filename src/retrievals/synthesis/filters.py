@@ -138,8 +138,7 @@ class QueryFilter:
             for generated in generations:
                 cut = isinstance(generated, Unfinished)
                 query = clean_query(generated, first_sentence=cut)
-                cut = cut and not is_finished(query)
-                why = "unfinished" if cut else self.reason(query, document)
+                why = "unfinished" if cut and not is_finished(query) else self.reason(query, document)
                 if why is None and self.settings.deduplicate:
                     key = self._key(query)
                     why = "duplicate" if key in self._seen else None
